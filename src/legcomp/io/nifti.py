@@ -1,0 +1,227 @@
+"""NIfTI readers and writers for Dixon studies: legcomp's own folders and the seed study's layouts.
+
+A study folder holds one NIfTI file per contrast (``.nii`` or ``.nii.gz``, names matched
+case-insensitively, an optional ``roi_<N>p_`` prefix as in the seed's training data ignored):
+
+=================  ==========================================================
+contrast           accepted names
+=================  ==========================================================
+water              water, w
+fat                fat, f
+in_phase           in_phase, inphase, in-phase, ip
+opposed_phase      opp_phase, opposed_phase, out_phase, oppphase, outphase, op
+=================  ==========================================================
+
+Label maps found beside them are read too: ``stage1``, ``stage2``, ``legs`` (legcomp and its
+phantom), ``<subject>_<REGION>_WHOLEMUSCLE_SAT_mask`` (stage 1) and
+``<subject>_<REGION>_MUSCLECOMP_mask`` (stage 2) from the seed's training layout.
+
+The region is taken, in this order, from the ``region`` argument, from the seed's mask names,
+or from the nearest enclosing folder whose name contains ``thigh`` or ``calf``
+(e.g. ``SOURCE/<subject>/Thigh/Water.nii.gz`` or ``thigh_00012/``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from legcomp.errors import LegcompInputError
+from legcomp.io.study import DixonStudy, make_study
+
+_NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
+_PREFIX = re.compile(r"^roi_\d+p_", re.IGNORECASE)
+CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
+    "water": ("water", "w"),
+    "fat": ("fat", "f"),
+    "in_phase": ("in_phase", "inphase", "in-phase", "ip"),
+    "opposed_phase": ("opp_phase", "opposed_phase", "out_phase", "oppphase", "outphase", "op", "opposed-phase"),
+}
+LABEL_NAMES: dict[str, tuple[str, ...]] = {"stage1": ("stage1",), "stage2": ("stage2",), "legs": ("legs",)}
+_SEED_MASKS = {"stage1": re.compile(r"_(thigh|calf)_wholemuscle_sat_mask$", re.IGNORECASE),
+               "stage2": re.compile(r"_(thigh|calf)_musclecomp_mask$", re.IGNORECASE)}
+
+
+def _stem(path: Path) -> str | None:
+    m = _NII.match(path.name)
+    return m.group("stem") if m else None
+
+
+def classify_files(folder: str | Path) -> tuple[dict[str, Path], dict[str, Path], str | None]:
+    """Find the contrast images and label maps in one folder.
+
+    Returns:
+        (images, labels, region_hint): contrast -> path, label kind -> path, and the region
+        named by a seed-layout mask file (or None).
+    Raises:
+        LegcompInputError: two files claim the same contrast.
+    """
+    folder = Path(folder)
+    images: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    region_hint = None
+    for path in sorted(folder.iterdir()):
+        stem = _stem(path)
+        if stem is None or not path.is_file():
+            continue
+        key = _PREFIX.sub("", stem).lower()
+        found = None
+        for contrast, names in CONTRAST_NAMES.items():
+            if key in names:
+                found = ("image", contrast)
+        for kind, names in LABEL_NAMES.items():
+            if key in names:
+                found = ("label", kind)
+        for kind, rx in _SEED_MASKS.items():
+            m = rx.search(stem)
+            if m:
+                found = ("label", kind)
+                region_hint = m.group(1).lower()
+        if found is None:
+            continue
+        target = images if found[0] == "image" else labels
+        if found[1] in target:
+            raise LegcompInputError(f"two files for {found[1]}: {target[found[1]].name} and {path.name}", folder)
+        target[found[1]] = path
+    return images, labels, region_hint
+
+
+def region_from_path(path: str | Path) -> str:
+    """``thigh`` or ``calf`` from the nearest path component that names exactly one of them, else ``unknown``."""
+    for part in reversed(Path(path).resolve().parts):
+        p = part.lower()
+        hits = [r for r in ("thigh", "calf") if r in p]
+        if len(hits) == 1:
+            return hits[0]
+    return "unknown"
+
+
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one NIfTI file as (float32 data, 4x4 affine); unreadable files raise LegcompInputError."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        return np.asarray(data, dtype=np.float32), np.asarray(img.affine, dtype=float)
+    except FileNotFoundError:
+        raise LegcompInputError("file not found", path) from None
+    except Exception as exc:  # nibabel raises many types for truncated / corrupt files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LegcompInputError(f"cannot read NIfTI ({msg})", path) from None
+
+
+def read_nifti_study(folder: str | Path, *, region: str | None = None, name: str | None = None,
+                     with_labels: bool = True) -> DixonStudy:
+    """Read a folder of NIfTI contrasts (and label maps) as a canonical :class:`DixonStudy`."""
+    folder = Path(folder)
+    images, labels, hint = classify_files(folder)
+    for req in ("water", "fat"):
+        if req not in images:
+            found = ", ".join(sorted(images)) or "no recognised Dixon images"
+            raise LegcompInputError(f"no {req} image found (found: {found})", folder)
+    raw = {k: (*load_nifti(p), p) for k, p in images.items()}
+    raw_labels = {k: (*load_nifti(p), p) for k, p in labels.items()} if with_labels else {}
+    reg = region or hint or region_from_path(folder)
+    return make_study(raw, region=reg, name=name or _subject_name(folder), source=str(folder), labels=raw_labels)
+
+
+def _subject_name(folder: Path) -> str:
+    """Subject id: the folder name, or its parent's for the seed's ``<subject>/Thigh`` layout."""
+    if folder.name.lower() in ("thigh", "calf") and folder.parent.name:
+        return f"{folder.parent.name}_{folder.name.lower()}"
+    return folder.name
+
+
+def read_study(path: str | Path, *, region: str | None = None, name: str | None = None,
+               with_labels: bool = True) -> DixonStudy:
+    """Read a Dixon study from a NIfTI folder, a single NIfTI file's folder, or a DICOM folder.
+
+    Args:
+        path: study folder (or one of its NIfTI files).
+        region: ``thigh`` / ``calf`` to override what the path says.
+    Raises:
+        LegcompInputError: missing or unreadable files, mismatched geometry, bad values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LegcompInputError("no such file or folder", path)
+    if path.is_file():
+        if _stem(path) is None:
+            raise LegcompInputError("not a NIfTI file or study folder", path)
+        path = path.parent
+    if region is not None:
+        from legcomp.anatomy import check_region
+        region = check_region(region)
+    images, _, _ = classify_files(path)
+    if not images:
+        from legcomp.io import dicom
+        if dicom.is_dicom_folder(path):
+            return dicom.read_dicom_study(path, region=region, name=name)
+    return read_nifti_study(path, region=region, name=name, with_labels=with_labels)
+
+
+def read_label_map(path: str | Path, study: DixonStudy) -> np.ndarray:
+    """Read a label map and bring it into the study's canonical orientation (uint8).
+
+    Raises LegcompInputError when its shape or affine differ from the study's input geometry
+    or its values are not non-negative integers.
+    """
+    data, affine = load_nifti(path)
+    ref_aff = study.input_affine if study.input_affine is not None else study.affine
+    ref_shape = study.input_shape or study.shape
+    probe = make_study({"water": (np.ones(ref_shape, np.float32), ref_aff, "study"),
+                        "fat": (np.ones(ref_shape, np.float32), ref_aff, "study")},
+                       labels={"x": (data, affine, path)})
+    return probe.labels["x"]
+
+
+def find_studies(root: str | Path) -> list[Path]:
+    """All study folders under ``root`` (``root`` itself if it is one), sorted.
+
+    A folder is a study when it holds recognised water and fat NIfTI files, or DICOM files
+    (a DICOM study is the top-most folder holding them).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [root] if root.exists() else []
+    from legcomp.io import dicom
+    out: list[Path] = []
+
+    def visit(folder: Path) -> None:
+        try:
+            images, _, _ = classify_files(folder)
+        except LegcompInputError:
+            out.append(folder)  # reported when read
+            return
+        if "water" in images or "fat" in images:
+            out.append(folder)
+            return
+        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if folder != root and not subdirs and dicom.is_dicom_folder(folder):
+            out.append(folder)
+            return
+        before = len(out)
+        for sub in subdirs:
+            visit(sub)
+        if len(out) == before and folder != root and dicom.is_dicom_folder(folder):
+            out.append(folder)
+
+    visit(root)
+    if not out and dicom.is_dicom_folder(root):
+        out.append(root)
+    return out
+
+
+def write_study(study: DixonStudy, folder: str | Path, *, with_labels: bool = True) -> Path:
+    """Write the four contrasts (and label maps) as NIfTI in the study's input geometry."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in ("water", "fat", "in_phase", "opposed_phase"):
+        study.save_like_input(study.image(c), folder / f"{c}.nii.gz", dtype=np.float32)
+    if with_labels:
+        for k, v in study.labels.items():
+            study.save_like_input(v, folder / f"{k}.nii.gz", dtype=np.uint8)
+    return folder
