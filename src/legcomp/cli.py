@@ -1,0 +1,236 @@
+"""``legcomp``: the one front door.
+
+Every sub-command is a thin shell around a library function; bad input ends with one line on
+stderr (``legcomp: error: <file>: <problem>``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from legcomp import __version__
+from legcomp.errors import LegcompInputError
+
+EXAMPLES = """examples:
+  legcomp run study_folder/ --out results/          segment and quantify one study (or a cohort folder)
+  legcomp info study_folder/                        what legcomp finds in a folder (NIfTI or DICOM)
+  legcomp phantom --region thigh --n 3 --out ph/    synthetic Dixon legs with exact ground truth
+  legcomp labels --region calf --json               the label table
+"""
+
+
+def _floats(n: int) -> Callable[[str], tuple[float, ...]]:
+    def parse(text: str) -> tuple[float, ...]:
+        vals = tuple(float(v) for v in text.replace("x", ",").split(","))
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} numbers, e.g. {','.join(['1.5'] * n)}")
+        return vals
+    return parse
+
+
+def _ints(n: int) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in _floats(n)(text))
+    return parse
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_labels(args: argparse.Namespace) -> int:
+    from legcomp import anatomy
+    if args.itksnap or args.slicer:
+        out = Path(args.itksnap or args.slicer)
+        out.mkdir(parents=True, exist_ok=True)
+        regions = [args.region] if args.region else list(anatomy.REGIONS)
+        for region in regions:
+            for stage in (1, 2):
+                stem = f"{region}_stage{stage}"
+                if args.itksnap:
+                    print(anatomy.write_itksnap_labels(out / f"{stem}_itksnap.label", stage, region))
+                else:
+                    print(anatomy.write_slicer_colortable(out / f"{stem}_slicer.ctbl", stage, region))
+        return 0
+    if args.json:
+        print(anatomy.labels_json(args.region))
+        return 0
+    for lab in anatomy.labels(args.region):
+        print(f"stage {lab.stage}  {lab.region:5s}  {lab.id:2d}  {lab.abbrev:4s} {lab.name:36s} {lab.display}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from legcomp.io import read_study
+    s = read_study(args.path, region=args.region)
+    info = {
+        "name": s.name, "source": s.source, "region": s.region,
+        "contrasts_read": [c for c in ("water", "fat", "in_phase", "opposed_phase") if c not in s.derived],
+        "contrasts_derived": list(s.derived),
+        "shape": list(s.input_shape or s.shape), "spacing_mm": [round(v, 4) for v in s.spacing],
+        "orientation": s.orientation, "voxel_volume_ml": s.voxel_volume_ml,
+        "labels": sorted(s.labels),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:18s} {v}")
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from legcomp import phantom
+    from legcomp.anatomy import check_region
+    region = check_region(args.region)
+    opts = dict(spacing=args.spacing, legs=args.legs, infiltration=args.infiltration, adiposity=args.adiposity,
+                snr=args.snr, bias=args.bias, swap=args.swap, randomize=args.randomize)
+    if args.matrix is not None:
+        opts["matrix"] = args.matrix
+    folders = phantom.generate_cohort(region, args.n, args.seed, args.out, progress=not args.quiet, **opts)
+    if args.preview:
+        for f in folders:
+            phantom.save_preview(f, f / "preview.png")
+    for f in folders:
+        print(f)
+    return 0
+
+
+def cmd_quantify(args: argparse.Namespace) -> int:
+    from legcomp.quantification import quantify_files
+    q = quantify_files(args.study, args.stage1, args.stage2, args.out, region=args.region,
+                       fat_rule=args.fat_rule, mapping=args.mapping)
+    if not args.quiet:
+        _print_summary(q.table)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from legcomp.evaluation import evaluate_paths
+    summary = evaluate_paths(args.pred, args.truth, args.out, fat_rule=args.fat_rule, mapping=args.mapping)
+    if summary is not None and hasattr(summary, "to_string"):
+        print(summary.to_string())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from legcomp.training.cli import train_from_args
+    train_from_args(args)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from legcomp.pipeline import run_cohort
+    return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
+                      quantify=False, overlay=False, progress=not args.quiet)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from legcomp.pipeline import run_cohort
+    return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
+                      quantify=True, overlay=not args.no_overlay, fat_rule=args.fat_rule, progress=not args.quiet)
+
+
+def _print_summary(table) -> None:
+    t = table[(table["leg"] == "total") & (table["measure"].isin(["volume_ml", "fat_volume_ml"]))]
+    if len(t):
+        print(t.pivot_table(index="structure", columns="measure", values="value", sort=False).round(2).to_string())
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="legcomp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Thigh and calf muscle and fat composition from two-point Dixon MRI.")
+    p.add_argument("--version", action="version", version=f"legcomp {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("labels", cmd_labels, "print the label table (regions, stages, ids, names, colours)")
+    sp.add_argument("--region", choices=["thigh", "calf"], help="only this region's stage-2 muscles")
+    sp.add_argument("--json", action="store_true", help="print JSON (list of objects: id, name, stage, region, ...)")
+    sp.add_argument("--itksnap", metavar="DIR", help="write ITK-SNAP label description files into DIR")
+    sp.add_argument("--slicer", metavar="DIR", help="write 3D Slicer colour tables (.ctbl) into DIR")
+
+    sp = add("info", cmd_info, "show what legcomp finds in a study folder (NIfTI or DICOM)")
+    sp.add_argument("path", help="study folder or one of its NIfTI files")
+    sp.add_argument("--region", help="thigh or calf (overrides the folder name)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add("phantom", cmd_phantom, "generate synthetic two-point Dixon thighs or calves with exact ground truth")
+    sp.add_argument("--region", required=True, help="thigh or calf")
+    sp.add_argument("--n", type=int, default=1, help="number of subjects (default 1)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the first subject; subject i uses seed+i")
+    sp.add_argument("--out", required=True, help="output folder (one sub-folder per subject)")
+    sp.add_argument("--spacing", type=_floats(3), default=(1.5, 1.5, 5.0), help="voxel size x,y,z in mm (1.5,1.5,5)")
+    sp.add_argument("--matrix", type=_ints(3), default=None, help="matrix nx,ny,nz (default: region's)")
+    sp.add_argument("--legs", choices=["both", "left", "right"], default="both")
+    sp.add_argument("--infiltration", type=float, default=0.3, help="fat infiltration severity 0..1")
+    sp.add_argument("--adiposity", type=float, default=0.5, help="subcutaneous adiposity 0..1")
+    sp.add_argument("--snr", type=float, default=30.0, help="signal-to-noise ratio in muscle")
+    sp.add_argument("--bias", type=float, default=0.3, help="coil bias-field strength 0..1")
+    sp.add_argument("--swap", action="store_true", help="simulate a fat-water swap artefact")
+    sp.add_argument("--randomize", action="store_true", help="domain-randomised appearance and geometry")
+    sp.add_argument("--preview", action="store_true", help="also write preview.png in each subject folder")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    fat_help = "fat-voxel rule: seed (default: min-max normalised fat >= 0.1), ff:T, sat:T or abs:V"
+    sp = add("quantify", cmd_quantify, "volumes (mL), MAT / InterMAT / IntraMAT and fat fractions from given masks")
+    sp.add_argument("study", help="study folder (water and fat images)")
+    sp.add_argument("--stage1", help="stage-1 label map (0 bg, 1 SAT, 2 whole muscle)")
+    sp.add_argument("--stage2", help="stage-2 label map (individual muscles)")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--region", help="thigh or calf (overrides the folder name)")
+    sp.add_argument("--fat-rule", default="seed", help=fat_help)
+    sp.add_argument("--mapping", help="JSON file mapping foreign label ids to legcomp names")
+    sp.add_argument("--quiet", action="store_true")
+
+    sp = add("evaluate", cmd_evaluate, "DSC, HD95 and volume errors of predicted masks against ground truth")
+    sp.add_argument("--pred", required=True, help="prediction folder (one subject, or one sub-folder per subject)")
+    sp.add_argument("--truth", required=True, help="ground-truth folder (same layout)")
+    sp.add_argument("--out", help="write metrics.csv, summary.csv and summary.md here")
+    sp.add_argument("--fat-rule", default="seed", help=fat_help)
+    sp.add_argument("--mapping", help="JSON file mapping the truth's foreign label ids to legcomp names")
+
+    sp = add("train", cmd_train, "train one network of the cascade on labelled studies (k-fold)")
+    from legcomp.training.cli import add_train_arguments
+    add_train_arguments(sp)
+
+    for name, func, help in (("predict", cmd_predict, "segment studies: write stage1/stage2 masks only"),
+                             ("run", cmd_run, "the main job: segment, quantify, report, for one study or a cohort")):
+        sp = add(name, func, help)
+        sp.add_argument("input", help="study folder, or a folder of study folders (NIfTI or DICOM)")
+        sp.add_argument("--out", required=True, help="output folder")
+        sp.add_argument("--region", help="thigh or calf (default: from folder names, else detected)")
+        sp.add_argument("--weights", help="folder of weights (default: the bundled phantom-trained weights)")
+        sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "run":
+            sp.add_argument("--fat-rule", default="seed", help=fat_help)
+            sp.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``legcomp`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LegcompInputError as exc:
+        print(f"legcomp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("legcomp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

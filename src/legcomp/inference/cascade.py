@@ -1,0 +1,144 @@
+"""The two-stage cascade at inference time.
+
+Stage 1 segments the whole field of view (background / SAT / whole muscle) from water and fat.
+Stage 2 then runs once per leg: a box around that leg's stage-1 whole muscle (plus a margin)
+is cut out, a left leg is mirrored along x to look like a right leg, the region's muscle
+network labels it (opposed phase and water), the result is mirrored back and pasted into the
+full image, inside the stage-1 whole-muscle mask. Both networks run with MONAI's
+sliding-window inference, so memory stays bounded whatever the image size.
+
+All arrays are canonical (x, y, z) RAS+ as in :class:`legcomp.io.DixonStudy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from legcomp import anatomy
+from legcomp.errors import LegcompInputError
+from legcomp.io.study import DixonStudy
+from legcomp.models import load_weights
+from legcomp.preprocessing import inputs as prep
+from legcomp.preprocessing.legs import leg_map
+
+LEG_MARGIN_MM = prep.LEG_MARGIN_MM
+"""Margin (mm, in-plane) around a leg's stage-1 whole muscle for the stage-2 crop."""
+
+
+def default_weights_dir() -> Path:
+    """Folder of the bundled phantom-trained weights (``<region>_stage<k>.pt``)."""
+    return Path(str(resources.files("legcomp") / "data" / "weights"))
+
+
+def weights_path(region: str, stage: int, weights_dir: str | Path | None = None) -> Path:
+    """Path of one network's weights file in a weights folder."""
+    folder = Path(weights_dir) if weights_dir else default_weights_dir()
+    path = folder / f"{anatomy.check_region(region)}_stage{stage}.pt"
+    if not path.is_file():
+        raise LegcompInputError(f"no weights for {region} stage {stage} (expected {path.name})", folder)
+    return path
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LegcompInputError("CUDA was asked for but is not available")
+    return torch.device(device)
+
+
+@dataclass
+class Network:
+    """A loaded network with its metadata (config, patch size, working spacing...)."""
+
+    model: torch.nn.Module
+    meta: dict
+    device: torch.device
+
+    def segment(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Label map (uint8, spatial shape of ``image``) for a (C, x, y, z) float32 array.
+
+        Windows of the training patch size slide with 25 % overlap and Gaussian blending; the
+        logits are accumulated on the CPU, so GPU memory is bounded by the window batch.
+        """
+        div = [int(d) for d in self.meta.get("divisor", (16, 16, 4))]
+        roi = [int(r) for r in self.meta.get("patch_size", (128, 128, 32))]
+        spatial = image.shape[1:]
+        # windows no larger than the (divisor-padded) image, and a multiple of the divisor
+        roi = [min(r, n + (-n) % d) for r, n, d in zip(roi, spatial, div)]
+        x = torch.from_numpy(prep.pad_to_multiple(np.asarray(image, np.float32), div, minimum=roi))[None]
+        use_amp = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=use_amp):
+            logits = sliding_window_inference(
+                x, roi_size=roi, sw_batch_size=1 if self.device.type == "cpu" else 8, predictor=self.model,
+                overlap=0.25, mode="gaussian", sw_device=self.device, device=torch.device("cpu"),
+                progress=progress)
+        lab = logits[0].argmax(0).to(torch.uint8).numpy()
+        return np.ascontiguousarray(lab[: spatial[0], : spatial[1], : spatial[2]])
+
+
+@dataclass
+class Cascade:
+    """The stage-1 and stage-2 networks of one region."""
+
+    region: str
+    stage1: Network
+    stage2: Network
+    sources: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, region: str, weights_dir: str | Path | None = None, device: str = "auto") -> "Cascade":
+        """Load a region's two networks from a weights folder (default: the bundled weights)."""
+        region = anatomy.check_region(region)
+        dev = resolve_device(device)
+        nets = {}
+        for stage in (1, 2):
+            path = weights_path(region, stage, weights_dir)
+            model, meta = load_weights(path, region=region, stage=stage)
+            model.to(dev).eval()
+            nets[stage] = Network(model, meta, dev)
+        return cls(region, nets[1], nets[2], {s: str(weights_path(region, s, weights_dir)) for s in (1, 2)})
+
+    def predict(self, study: DixonStudy) -> tuple[np.ndarray, np.ndarray]:
+        """Stage-1 and stage-2 label maps (uint8, canonical (x, y, z), the study's grid)."""
+        s1 = self.predict_stage1(study)
+        return s1, self.predict_stage2(study, s1)
+
+    def predict_stage1(self, study: DixonStudy) -> np.ndarray:
+        """Background (0) / SAT (1) / whole muscle (2) on the study's grid."""
+        work = prep.to_working(study, self.stage1.meta)
+        lab = self.stage1.segment(prep.stage1_input(work))
+        return prep.from_working(lab, work, study)
+
+    def predict_stage2(self, study: DixonStudy, stage1: np.ndarray) -> np.ndarray:
+        """Individual muscles (anatomy ids), per leg, inside the stage-1 whole muscle."""
+        muscle = stage1 == anatomy.WHOLE_MUSCLE.id
+        out = np.zeros(study.shape, np.uint8)
+        if not muscle.any():
+            return out
+        legs = leg_map(stage1 > 0, study.affine)
+        work = prep.to_working(study, self.stage2.meta)
+        s1_work = prep.labels_to_working(stage1, study, work)
+        legs_work = prep.labels_to_working(legs, study, work)
+        image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None)
+        full = np.zeros(work.shape, np.uint8)
+        for leg_id in (int(v) for v in np.unique(legs_work[legs_work > 0])):
+            box = prep.leg_crop_box(s1_work, legs_work, leg_id, work.spacing, LEG_MARGIN_MM)
+            if box is None:
+                continue
+            crop = prep.crop(image, box)
+            lab = self.stage2.segment(prep.mirror_x(crop) if prep.is_left(leg_id) else crop)
+            if prep.is_left(leg_id):
+                lab = prep.mirror_x(lab)
+            inside = (prep.crop(legs_work, box) == leg_id) & (prep.crop(s1_work, box) == anatomy.WHOLE_MUSCLE.id)
+            prep.paste(full, lab, box, where=inside & (lab > 0))
+        s2 = prep.from_working(full, work, study)
+        s2[~muscle] = 0
+        return s2

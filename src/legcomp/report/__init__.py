@@ -1,0 +1,1 @@
+"""legcomp.report"""

@@ -1,0 +1,71 @@
+"""Overlay figures: label maps over the water image, at a few axial levels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from legcomp import anatomy  # noqa: E402
+
+
+def pick_levels(mask: np.ndarray, n: int = 3) -> list[int]:
+    """``n`` axial slice indices spread over the z-extent of ``mask`` (x, y, z), or of the image."""
+    zs = np.nonzero(mask.any(axis=(0, 1)))[0] if mask.any() else np.arange(mask.shape[2])
+    lo, hi = int(zs.min()), int(zs.max())
+    return sorted({int(round(v)) for v in np.linspace(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo), n)})
+
+
+def label_rgba(labels: np.ndarray, stage: int, region: str, alpha: float = 0.45) -> np.ndarray:
+    """RGBA image (…, 4) of a 2-D label map with the anatomy colours; background transparent."""
+    rgba = np.zeros((*labels.shape, 4), np.float32)
+    for lab_id, col in anatomy.colormap(stage, region).items():
+        sel = labels == lab_id
+        rgba[sel, :3] = col
+        rgba[sel, 3] = alpha
+    return rgba
+
+
+def _show(ax, img: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """Axial slice (x, y) in radiological view: subject's right on the left, anterior up."""
+    ax.imshow(img.T[::-1, ::-1], cmap="gray", aspect=spacing[1] / spacing[0],
+              vmin=0, vmax=float(np.percentile(img, 99.5)) or 1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_overlay(water: np.ndarray, fat: np.ndarray, stage1: np.ndarray, stage2: np.ndarray | None,
+                 region: str, spacing: tuple[float, float, float], path: str | Path,
+                 title: str = "", levels: list[int] | None = None) -> Path:
+    """PNG of water, fat, stage-1 and stage-2 overlays at three axial levels.
+
+    Arrays are canonical (x, y, z) RAS+; images are drawn in radiological convention
+    (subject's right on the image's left, anterior up). ``spacing`` in mm sets the aspect.
+    """
+    levels = levels or pick_levels(stage1 > 0)
+    cols = 4 if stage2 is not None else 3
+    fig, axes = plt.subplots(len(levels), cols, figsize=(3.2 * cols, 2.6 * len(levels)), squeeze=False)
+    for row, z in enumerate(levels):
+        w, f = water[:, :, z], fat[:, :, z]
+        panels = [("water", w, None), ("fat", f, None), ("stage 1: SAT / muscle", w, label_rgba(stage1[:, :, z], 1, region))]
+        if stage2 is not None:
+            panels.append(("stage 2: muscles", w, label_rgba(stage2[:, :, z], 2, region, alpha=0.6)))
+        for col, (name, img, over) in enumerate(panels):
+            ax = axes[row, col]
+            _show(ax, img, spacing)
+            if over is not None:
+                ax.imshow(over.transpose(1, 0, 2)[::-1, ::-1], aspect=spacing[1] / spacing[0], interpolation="nearest")
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"z = {z}", fontsize=8)
+    fig.suptitle(f"{title}  (R on the left, anterior up)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,135 @@
+"""The main job end to end: cascade, output geometry, cohorts, failures, weights errors, region detection."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from legcomp import anatomy
+from legcomp.cli import main
+from legcomp.inference import Cascade, default_weights_dir
+from legcomp.inference.region import detect_region
+from legcomp.io import read_study
+from legcomp.models import build_network, save_weights
+from legcomp.phantom import generate, write_phantom
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+TINY = dict(matrix=(96, 64, 12), spacing=(4.0, 4.0, 8.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """Untrained tiny-config weights for both regions (shapes and plumbing, not accuracy)."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    for region in anatomy.REGIONS:
+        for stage in (1, 2):
+            model = build_network("tiny", 2, anatomy.n_classes(stage, region))
+            save_weights(folder / f"{region}_stage{stage}.pt", model, config="tiny", region=region, stage=stage,
+                         patch_size=[32, 32, 8], working_spacing=[None, None, None])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def thigh_case(tmp_path_factory):
+    return write_phantom(generate("thigh", 7, **TINY), tmp_path_factory.mktemp("ph") / "thigh_00007")
+
+
+def _reoriented_copy(src: Path, dst: Path) -> np.ndarray:
+    """Copy a study with its axes permuted and flipped (an LPS-like, non-diagonal affine)."""
+    dst.mkdir(parents=True)
+    for name in ("water", "fat"):
+        img = nib.load(str(src / f"{name}.nii.gz"))
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.orientations.axcodes2ornt("PLS"))
+        data = nib.orientations.apply_orientation(img.get_fdata(dtype=np.float32), ornt)
+        affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
+        assert nib.aff2axcodes(affine) == ("P", "L", "S")
+        nib.save(nib.Nifti1Image(data, affine), str(dst / f"{name}.nii.gz"))
+    return affine
+
+
+def test_run_writes_everything_in_input_geometry(tmp_path, thigh_case, tiny_weights):
+    case = tmp_path / "thigh_lps"
+    affine = _reoriented_copy(thigh_case, case)
+    assert main(["run", str(case), "--out", str(tmp_path / "out"), "--weights", str(tiny_weights), "--quiet"]) == 0
+    out = tmp_path / "out"
+    for f in ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json", "mat.nii.gz", "overlay.png", "run.json"):
+        assert (out / f).is_file(), f
+    s1 = nib.load(str(out / "stage1.nii.gz"))
+    water = nib.load(str(case / "water.nii.gz"))
+    assert s1.shape == water.shape and np.allclose(s1.affine, affine)
+    table = pd.read_csv(out / "volumes.csv")
+    assert {"subject", "region", "leg", "structure", "measure", "value", "unit"} <= set(table.columns)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left
+
+
+def test_cascade_is_deterministic_and_consistent(thigh_case, tiny_weights):
+    study = read_study(thigh_case)
+    cascade = Cascade.load("thigh", tiny_weights, "cpu")
+    a1, a2 = cascade.predict(study)
+    b1, b2 = cascade.predict(study)
+    assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
+    assert a1.shape == a2.shape == study.shape
+    assert not (a2 > 0)[a1 != anatomy.WHOLE_MUSCLE.id].any()  # muscles only inside stage-1 whole muscle
+    assert a2.max() <= len(anatomy.THIGH_MUSCLES)
+
+
+def test_cohort_goes_on_past_a_bad_study(tmp_path, thigh_case, tiny_weights):
+    cohort = tmp_path / "cohort"
+    write_phantom(generate("calf", 3, **TINY), cohort / "calf_00003")
+    bad = cohort / "thigh_bad"
+    bad.mkdir(parents=True)
+    (bad / "water.nii.gz").write_bytes((thigh_case / "water.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    code = main(["run", str(cohort), "--out", str(out), "--weights", str(tiny_weights), "--quiet"])
+    assert code == 1
+    assert (out / "calf_00003" / "stage2.nii.gz").is_file()
+    assert not (out / "thigh_bad").exists()
+    fails = pd.read_csv(out / "failures.csv")
+    assert len(fails) == 1 and "no fat image" in fails.loc[0, "error"]
+    assert set(pd.read_csv(out / "cohort_volumes.csv")["region"]) == {"calf"}
+
+
+def test_bad_weights_give_one_line_and_exit_2(tmp_path, thigh_case, tiny_weights, capsys):
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    (wdir / "thigh_stage1.pt").write_bytes(b"not a torch file at all")
+    (wdir / "thigh_stage2.pt").write_bytes((tiny_weights / "thigh_stage2.pt").read_bytes())
+    out = tmp_path / "out"
+    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "thigh_stage1.pt" in err
+    assert not out.exists()
+    # weights of the wrong region under the right name
+    (wdir / "thigh_stage1.pt").write_bytes((tiny_weights / "calf_stage1.pt").read_bytes())
+    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet"]) == 2
+    assert "region calf" in capsys.readouterr().err
+    assert main(["run", str(thigh_case), "--out", str(out), "--region", "knee", "--quiet"]) == 2
+
+
+def test_region_detection_on_phantoms():
+    for region in ("thigh", "calf"):
+        for seed in (11, 12):
+            ph = generate(region, seed, matrix=(144, 96, 6), spacing=(3.0, 3.0, 10.0))
+            from legcomp.io import make_study
+            s = make_study({"water": (ph.water, ph.affine, "w"), "fat": (ph.fat, ph.affine, "f")})
+            assert detect_region(s) == region
+
+
+@pytest.mark.skipif(not (REALDATA / "qmritools_calf").is_dir(), reason="../shared/realdata not present")
+@pytest.mark.skipif(not (default_weights_dir() / "calf_stage1.pt").is_file(), reason="bundled weights missing")
+def test_bundled_weights_on_real_calf(tmp_path):
+    src = REALDATA / "qmritools_calf"
+    out = tmp_path / "calf"
+    assert main(["run", str(src), "--out", str(out), "--quiet", "--no-overlay", "--device", "cpu"]) == 0
+    s1 = nib.load(str(out / "stage1.nii.gz"))
+    water = nib.load(str(src / "water.nii.gz"))
+    assert s1.shape == water.shape and np.allclose(s1.affine, water.affine)
+    lab = np.asarray(s1.dataobj)
+    assert (lab == 2).sum() > 0.3 * (lab > 0).sum()  # mostly muscle in a healthy calf
+    table = pd.read_csv(out / "volumes.csv")
+    legs = set(table["leg"])
+    assert {"left", "right"} <= legs
