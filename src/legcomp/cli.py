@@ -109,10 +109,13 @@ def cmd_quantify(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from legcomp.evaluation import evaluate_paths
-    summary = evaluate_paths(args.pred, args.truth, args.out, fat_rule=args.fat_rule, mapping=args.mapping)
-    if summary is not None and hasattr(summary, "to_string"):
-        print(summary.to_string())
-    return 0
+    from legcomp.evaluation.core import summary_markdown
+    ev = evaluate_paths(args.pred, args.truth, args.out, fat_rule=args.fat_rule, mapping=args.mapping,
+                        region=args.region)
+    print(summary_markdown(ev.summary, ev.errors, ev.metrics["subject"].nunique() if len(ev.metrics) else 0))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 1 if ev.errors else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -189,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--region", help="thigh or calf (overrides the folder name)")
     sp.add_argument("--fat-rule", default="seed", help=fat_help)
-    sp.add_argument("--mapping", help="JSON file mapping foreign label ids to legcomp names")
+    sp.add_argument("--mapping", help="JSON file (or shipped name, e.g. huashan_thigh) mapping foreign label "
+                    "ids to legcomp names")
     sp.add_argument("--quiet", action="store_true")
 
     sp = add("evaluate", cmd_evaluate, "DSC, HD95 and volume errors of predicted masks against ground truth")
@@ -197,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--truth", required=True, help="ground-truth folder (same layout)")
     sp.add_argument("--out", help="write metrics.csv, summary.csv and summary.md here")
     sp.add_argument("--fat-rule", default="seed", help=fat_help)
-    sp.add_argument("--mapping", help="JSON file mapping the truth's foreign label ids to legcomp names")
+    sp.add_argument("--mapping", help="JSON file (or shipped name, e.g. huashan_thigh) mapping the truth's "
+                    "foreign label ids to legcomp names")
+    sp.add_argument("--region", help="thigh or calf (overrides the folder names)")
 
     sp = add("train", cmd_train, "train one network of the cascade on labelled studies (k-fold)")
     from legcomp.training.cli import add_train_arguments
