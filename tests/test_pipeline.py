@@ -11,7 +11,6 @@ import torch
 from legcomp import anatomy
 from legcomp.cli import main
 from legcomp.inference import Cascade, default_weights_dir
-from legcomp.inference.region import detect_region
 from legcomp.io import read_study
 from legcomp.models import build_network, save_weights
 from legcomp.phantom import generate, write_phantom
@@ -108,15 +107,6 @@ def test_bad_weights_give_one_line_and_exit_2(tmp_path, thigh_case, tiny_weights
     assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet"]) == 2
     assert "region calf" in capsys.readouterr().err
     assert main(["run", str(thigh_case), "--out", str(out), "--region", "knee", "--quiet"]) == 2
-
-
-def test_region_detection_on_phantoms():
-    for region in ("thigh", "calf"):
-        for seed in (11, 12):
-            ph = generate(region, seed, matrix=(144, 96, 6), spacing=(3.0, 3.0, 10.0))
-            from legcomp.io import make_study
-            s = make_study({"water": (ph.water, ph.affine, "w"), "fat": (ph.fat, ph.affine, "f")})
-            assert detect_region(s) == region
 
 
 @pytest.mark.skipif(not (REALDATA / "qmritools_calf").is_dir(), reason="../shared/realdata not present")

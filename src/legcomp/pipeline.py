@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from legcomp import __version__
 from legcomp.errors import LegcompInputError
 from legcomp.inference.cascade import Cascade
-from legcomp.inference.region import detect_region
 from legcomp.io import DixonStudy, find_studies, read_study
 
 
@@ -39,7 +38,9 @@ def resolve_region(study: DixonStudy, region: str | None) -> tuple[str, str]:
         return check_region(region), "option --region"
     if study.region in ("thigh", "calf"):
         return study.region, "folder or file name"
-    return detect_region(study), "detected from the per-leg cross-sectional area"
+    from legcomp.inference.region import region_features
+    feats = region_features(study)
+    return feats["region"], f"detected from the image ({feats['reason']})"
 
 
 def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_how: str = "",
