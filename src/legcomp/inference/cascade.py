@@ -27,6 +27,9 @@ from legcomp.models import load_weights
 from legcomp.preprocessing import inputs as prep
 from legcomp.preprocessing.legs import leg_map
 
+INFERENCE_ROI_MAX = (256, 256, 64)
+"""Largest sliding window (voxels x, y, z) at inference; bounds memory whatever the image size."""
+
 LEG_MARGIN_MM = prep.LEG_MARGIN_MM
 """Margin (mm, in-plane) around a leg's stage-1 whole muscle for the stage-2 crop."""
 
@@ -65,14 +68,18 @@ class Network:
     def segment(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
         """Label map (uint8, spatial shape of ``image``) for a (C, x, y, z) float32 array.
 
-        Windows of the training patch size slide with 25 % overlap and Gaussian blending; the
-        logits are accumulated on the CPU, so GPU memory is bounded by the window batch.
+        Windows (at least the training patch, at most :data:`INFERENCE_ROI_MAX`) slide with 25 %
+        overlap and Gaussian blending; logits are accumulated on the CPU, so device memory is
+        bounded by the window size whatever the image size.
         """
         div = [int(d) for d in self.meta.get("divisor", (16, 16, 4))]
-        roi = [int(r) for r in self.meta.get("patch_size", (128, 128, 32))]
+        patch = [int(r) for r in self.meta.get("patch_size", (128, 128, 32))]
         spatial = image.shape[1:]
-        # windows no larger than the (divisor-padded) image, and a multiple of the divisor
-        roi = [min(r, n + (-n) % d) for r, n, d in zip(roi, spatial, div)]
+        padded = [n + (-n) % d for n, d in zip(spatial, div)]
+        # the network is fully convolutional: windows as large as the image up to INFERENCE_ROI_MAX
+        # (fewer, less redundant windows), never smaller than the training patch
+        cap = [m - m % d for m, d in zip(INFERENCE_ROI_MAX, div)]
+        roi = [min(p, max(t, c)) for p, t, c in zip(padded, patch, cap)]
         x = torch.from_numpy(prep.pad_to_multiple(np.asarray(image, np.float32), div, minimum=roi))[None]
         use_amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=use_amp):

@@ -1,0 +1,216 @@
+"""Training data: study discovery, deterministic k-fold splits, network-ready cases, MONAI transforms.
+
+A *case* is a dict ``{"image": float32 (C, x, y, z), "label": uint8 (1, x, y, z), "name": str}``
+on the working grid (:mod:`legcomp.preprocessing.inputs`). Stage 1 gives one case per study
+(the whole field of view); stage 2 gives one case per leg (a crop around that leg's stage-1
+whole muscle, left legs mirrored along x to look like right legs), as at inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from legcomp import anatomy
+from legcomp.errors import LegcompInputError
+from legcomp.io import find_studies, read_study
+from legcomp.io.study import DixonStudy
+from legcomp.preprocessing import inputs as prep
+
+log = logging.getLogger(__name__)
+
+
+def kfold_split(names: Sequence[str], folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Deterministic k-fold split: (train indices, validation indices) into ``names``.
+
+    Names are sorted, shuffled with ``seed`` and dealt into ``folds`` near-equal folds; fold ``fold``
+    is the validation set. ``folds <= 1`` trains on everything with no validation set.
+    """
+    n = len(names)
+    if folds <= 1:
+        return list(range(n)), []
+    if not 0 <= fold < folds:
+        raise LegcompInputError(f"fold {fold} is outside 0..{folds - 1}")
+    if n < folds:
+        raise LegcompInputError(f"{n} studies cannot be split into {folds} folds")
+    order = sorted(range(n), key=lambda i: str(names[i]))
+    perm = np.random.default_rng(seed).permutation(n)
+    shuffled = [order[i] for i in perm]
+    parts = np.array_split(np.arange(n), folds)
+    val = sorted(shuffled[i] for i in parts[fold])
+    train = sorted(set(range(n)) - set(val))
+    return train, val
+
+
+def discover(data_dir: str | Path, region: str, max_cases: int | None = None) -> list[Path]:
+    """Study folders under ``data_dir`` for ``region`` (by path; region-less paths are kept), sorted by name."""
+    from legcomp.io import region_from_path
+
+    paths = find_studies(data_dir)
+    if not paths:
+        raise LegcompInputError("no studies found", data_dir)
+    keep = [p for p in paths if region_from_path(p) in (region, "unknown")]
+    if not keep:
+        raise LegcompInputError(f"no {region} studies found", data_dir)
+    keep = sorted(keep, key=lambda p: p.name)
+    return keep[:max_cases] if max_cases else keep
+
+
+def _leg_map(study: DixonStudy) -> np.ndarray:
+    if "legs" in study.labels:
+        return study.labels["legs"]
+    from legcomp.preprocessing.legs import leg_map
+
+    return leg_map(study.labels["stage1"] > 0, study.affine)
+
+
+def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, with_stage1: bool = False,
+                margin_mm: float = prep.LEG_MARGIN_MM) -> list[dict]:
+    """Network-ready cases of one labelled study (see module doc)."""
+    need = ["stage1"] + (["stage2"] if stage == 2 else [])
+    for key in need:
+        if key not in study.labels:
+            raise LegcompInputError(f"study has no {key} label map", study.source or study.name)
+    n_cls = anatomy.n_classes(stage, region)
+    key = "stage1" if stage == 1 else "stage2"
+    if int(study.labels[key].max()) >= n_cls:
+        raise LegcompInputError(f"{key} labels go up to {int(study.labels[key].max())} but {region} stage {stage} "
+                                f"has {n_cls - 1} structures", study.source or study.name)
+    work = prep.to_working(study, spacing)
+    if stage == 1:
+        return [{"image": prep.stage1_input(work), "label": work.labels["stage1"][None].astype(np.uint8),
+                 "name": study.name}]
+    s1 = work.labels["stage1"]
+    legs = _leg_map(work)
+    image = prep.stage2_input(work, s1 if with_stage1 else None)
+    cases = []
+    for leg_id in sorted(anatomy.LEGS):
+        box = prep.leg_crop_box(s1, legs, leg_id, work.spacing, margin_mm)
+        if box is None:
+            continue
+        img = prep.crop(image, box)
+        lab = prep.crop(work.labels["stage2"], box)
+        lab = np.where(prep.crop(s1, box) == anatomy.WHOLE_MUSCLE.id, lab, 0).astype(np.uint8)
+        if prep.is_left(leg_id):
+            img, lab = prep.mirror_x(img), prep.mirror_x(lab)
+        cases.append({"image": np.ascontiguousarray(img, np.float32), "label": np.ascontiguousarray(lab)[None],
+                      "name": f"{study.name}_{anatomy.LEGS[leg_id]}"})
+    return cases
+
+
+def load_cases(paths: Sequence[Path], stage: int, region: str, *, spacing=None, with_stage1: bool = False,
+               progress: bool = False) -> list[dict]:
+    """Read studies and turn them into cases (stage 2: one per leg)."""
+    from tqdm.auto import tqdm
+
+    out: list[dict] = []
+    for p in tqdm(list(paths), desc="reading studies", disable=not progress, leave=False):
+        study = read_study(p, region=region)
+        out.extend(study_cases(study, stage, region, spacing=spacing, with_stage1=with_stage1))
+    return out
+
+
+def fit_patch(patch: Sequence[int], shapes: Sequence[Sequence[int]], divisor: Sequence[int]) -> tuple[int, int, int]:
+    """Clamp a patch size to the data: no larger than the largest case (rounded up to the divisor).
+
+    Returns multiples of ``divisor``.
+    """
+    out = []
+    for ax, (p, d) in enumerate(zip(patch, divisor)):
+        biggest = max(int(s[ax]) for s in shapes) if shapes else int(p)
+        size = min(int(p), biggest)
+        out.append(max(d, size + (-size) % d))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device=None, augment: bool = True,
+                     elastic_prob: float = 0.1):
+    """MONAI transforms: (deterministic part, random part) for training cases.
+
+    The deterministic part (cached by CacheDataset) converts to tensors on ``device``, pads each case
+    to at least the patch size and precomputes per-class voxel indices; the random part samples a
+    patch centred on a class chosen uniformly (so small muscles are seen as often as large ones),
+    then augments: in-plane rotation/scaling, light elastic deformation, bias field, gamma,
+    per-channel intensity scaling (domain transfer to real scans), Gaussian noise and smoothing,
+    and (stage 1 only) left-right flips.
+    """
+    import torch
+    from monai import transforms as T
+
+    TorchGaussianNoised = _noise_transform()
+
+    keys = ["image", "label"]
+    # per-class voxel indices are computed once on the CPU (numpy) and cached; the volumes themselves
+    # are cached on ``device`` (the GPU when training there), where all random transforms then run.
+    det = T.Compose([
+        T.SpatialPadd(keys=keys, spatial_size=list(patch), mode="constant"),
+        T.ClassesToIndicesd(keys="label", num_classes=n_classes),
+        T.EnsureTyped(keys="image", dtype=torch.float32, device=device, track_meta=False),
+        T.EnsureTyped(keys="label", dtype=torch.uint8, device=device, track_meta=False),
+    ])
+    rnd: list = [T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(patch),
+                                           ratios=[1.0] * n_classes, num_classes=n_classes, num_samples=1,
+                                           indices_key="label_cls_indices", warn=False),
+                 # the crop is a view of the cached volume: copy it so no later transform can alter the cache
+                 T.Lambdad(keys=keys, func=_clone)]
+    if augment:
+        rnd += [
+            T.RandAffined(keys=keys, prob=0.3, rotate_range=(0.0, 0.0, 0.26), scale_range=(0.1, 0.1, 0.0),
+                          mode=("bilinear", "nearest"), padding_mode="zeros", device=device),
+            T.Rand3DElasticd(keys=keys, prob=elastic_prob, sigma_range=(6.0, 8.0), magnitude_range=(40.0, 80.0),
+                             mode=("bilinear", "nearest"), padding_mode="zeros", device=device),
+            T.RandBiasFieldd(keys="image", prob=0.15, coeff_range=(0.0, 0.2), degree=3),
+            T.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+            T.RandScaleIntensityd(keys="image", prob=0.5, factors=0.15, channel_wise=True),
+            TorchGaussianNoised(keys="image", prob=0.2, std=0.03),
+            T.RandGaussianSmoothd(keys="image", prob=0.15, sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0),
+                                  sigma_z=(0.0, 0.3)),
+        ]
+        if stage == 1:
+            rnd.append(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=0))
+    rnd.append(T.SelectItemsd(keys=keys))
+    return det, T.Compose(rnd)
+
+
+def _clone(x):
+    """Copy a tensor or array (module-level so that DataLoader workers can pickle it)."""
+    return x.clone() if hasattr(x, "clone") else x.copy()
+
+
+def _noise_transform():
+    from monai.transforms import MapTransform, RandomizableTransform
+
+    class TorchGaussianNoised(RandomizableTransform, MapTransform):
+        """Additive Gaussian noise drawn with torch on the data's device (MONAI's RandGaussianNoised draws
+        the whole patch with numpy on the CPU, which dominates the cost of a GPU-resident pipeline)."""
+
+        def __init__(self, keys, prob: float = 0.1, std: float = 0.1):
+            MapTransform.__init__(self, keys)
+            RandomizableTransform.__init__(self, prob)
+            self.std = float(std)
+
+        def __call__(self, data):
+            import torch
+
+            d = dict(data)
+            self.randomize(None)
+            if not self._do_transform:
+                return d
+            seed = int(self.R.randint(0, 2**31 - 1))
+            sigma = float(self.R.uniform(0, self.std))
+            for key in self.key_iterator(d):
+                img = torch.as_tensor(d[key])
+                gen = torch.Generator(device=img.device).manual_seed(seed)
+                d[key] = img + sigma * torch.randn(img.shape, generator=gen, device=img.device, dtype=img.dtype)
+            return d
+
+    return TorchGaussianNoised
+
+
+def __getattr__(name):  # lazy: keep MONAI out of the import of this module
+    if name == "TorchGaussianNoised":
+        return _noise_transform()
+    raise AttributeError(name)

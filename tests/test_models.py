@@ -1,0 +1,233 @@
+"""Attention-Res-V-Net shapes and gradients, weights files, network inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from legcomp import anatomy
+from legcomp.errors import LegcompInputError
+from legcomp.io.study import make_study
+from legcomp.models import (build_network, count_parameters, load_weights, network_divisor, read_weights_meta,
+                            resolve_config, save_weights)
+from legcomp.preprocessing import inputs as prep
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("config", ["tiny", "fast"])
+def test_output_shape(config):
+    torch.manual_seed(0)
+    model = build_network(config, in_channels=2, out_channels=5).eval()
+    dx, dy, dz = network_divisor(config)
+    x = torch.randn(1, 2, 2 * dx, dy, 2 * dz)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 5, 2 * dx, dy, 2 * dz)
+    assert torch.isfinite(y).all()
+
+
+def test_seed_config_size_and_forward():
+    assert network_divisor("seed") == (16, 16, 4) == network_divisor("fast")
+    cfg = resolve_config("seed")
+    assert cfg["features"] == [64, 128, 256, 512] and cfg["bottleneck"] == 1024
+    assert cfg["strides"][:2] == [[2, 2, 1], [2, 2, 1]] and cfg["strides"][2:] == [[2, 2, 2], [2, 2, 2]]
+    model = build_network("seed", 2, 3).eval()
+    n = count_parameters(model)
+    assert 30e6 < n < 150e6
+    assert n > 10 * count_parameters(build_network("fast", 2, 3))
+    with torch.no_grad():
+        y = model(torch.randn(1, 2, 16, 16, 4))
+    assert y.shape == (1, 3, 16, 16, 4)
+
+
+def test_attention_gates_and_groups_present():
+    model = build_network("fast")
+    names = [type(m).__name__ for m in model.modules()]
+    assert names.count("AttentionBlock") == 4
+    seed = build_network("seed")
+    assert any(isinstance(m, torch.nn.Conv3d) and m.groups > 1 for m in seed.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
+
+
+def test_input_not_multiple_of_divisor_raises():
+    model = build_network("tiny").eval()
+    with pytest.raises(ValueError, match="multiple"):
+        model(torch.randn(1, 2, 10, 8, 4))
+
+
+def test_gradient_reaches_first_layer():
+    torch.manual_seed(0)
+    model = build_network("tiny", 2, 3)
+    x = torch.randn(2, 2, 16, 16, 4)
+    model(x).square().mean().backward()
+    first = model.encoders[0].conv1.conv.weight
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_config():
+    with pytest.raises(LegcompInputError):
+        build_network("huge")
+    with pytest.raises(LegcompInputError):
+        resolve_config({"features": [4, 8], "strides": [[2, 2, 1]]})
+
+
+# --------------------------------------------------------------------------- weights files
+
+def _saved(tmp_path, region="thigh", stage=1, **kw):
+    n_cls = kw.pop("n_classes", anatomy.n_classes(stage, region))
+    torch.manual_seed(1)
+    model = build_network("tiny", 2, n_cls).eval()
+    path = save_weights(tmp_path / "w.pt", model, config="tiny", region=region, stage=stage, n_classes=n_cls,
+                        normalisation=prep.NORMALISATION, working_spacing=[1.5, 1.5, None], patch_size=[16, 16, 4],
+                        val_dsc={"x": 0.5}, **kw)
+    return model, path
+
+
+def test_weights_round_trip(tmp_path):
+    model, path = _saved(tmp_path, "calf", 2)
+    loaded, meta = load_weights(path, region="calf", stage=2)
+    x = torch.randn(1, 2, 16, 16, 4)
+    with torch.no_grad():  # weights are stored as float16: equal up to half precision
+        assert torch.allclose(model(x), loaded(x), rtol=1e-2, atol=1e-2)
+    full, _ = load_weights(save_weights(tmp_path / "full.pt", model, config="tiny", region="calf", stage=2,
+                                        half=False), region="calf", stage=2)
+    with torch.no_grad():
+        assert torch.equal(model(x), full(x))
+    assert meta["region"] == "calf" and meta["stage"] == 2
+    assert meta["n_classes"] == anatomy.n_classes(2, "calf") == len(meta["label_names"])
+    assert meta["label_names"][1:] == [lab.name for lab in anatomy.CALF_MUSCLES]
+    assert meta["channels"] == ["opposed_phase", "water"]
+    assert meta["config"]["name"] == "tiny" and meta["val_dsc"] == {"x": 0.5}
+    assert meta["working_spacing"] == [1.5, 1.5, None]
+    assert "legcomp_version" in meta
+    meta2, state = read_weights_meta(path)
+    assert meta2 == meta and set(state) == set(model.state_dict())
+
+
+def test_weights_unwrap_ddp_prefix(tmp_path):
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    model = build_network("tiny", 2, 3)
+    path = save_weights(tmp_path / "w.pt", Wrap(model), config="tiny", region="thigh", stage=1)
+    load_weights(path)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    _, path = _saved(tmp_path)
+    blob = path.read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(blob[: len(blob) // 2])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file at all" * 10)
+    for p in (trunc, junk):
+        with pytest.raises(LegcompInputError) as exc:
+            load_weights(p)
+        assert p.name in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(LegcompInputError, match="not found"):
+        load_weights(tmp_path / "missing.pt")
+
+
+def test_not_a_legcomp_file(tmp_path):
+    p = tmp_path / "other.pt"
+    torch.save({"state_dict": {}, "epoch": 3}, p)
+    with pytest.raises(LegcompInputError, match="not a legcomp weights file"):
+        load_weights(p)
+
+
+def test_wrong_region_stage_and_label_count(tmp_path):
+    _, path = _saved(tmp_path, "thigh", 2)
+    with pytest.raises(LegcompInputError, match="region thigh, not calf"):
+        load_weights(path, region="calf")
+    with pytest.raises(LegcompInputError, match="stage 2, not stage 1"):
+        load_weights(path, stage=1)
+    load_weights(path, region="thigh", stage=2)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _, path2 = _saved(bad, "thigh", 2, n_classes=anatomy.n_classes(2, "calf"))
+    with pytest.raises(LegcompInputError, match="classes") as exc:
+        load_weights(path2)
+    assert "w.pt" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _study(shape=(40, 30, 6), spacing=(0.75, 0.75, 6.0), seed=0):
+    rng = np.random.default_rng(seed)
+    aff = np.diag([*spacing, 1.0])
+    w = (rng.random(shape) * 500).astype(np.float32)
+    f = (rng.random(shape) * 300).astype(np.float32)
+    w[:5] = 0
+    f[:5] = 0
+    lab = np.zeros(shape, np.uint8)
+    lab[10:30, 8:22] = anatomy.WHOLE_MUSCLE.id
+    return make_study({"water": (w, aff, "w"), "fat": (f, aff, "f")}, region="thigh",
+                      labels={"stage1": (lab, aff, "s1")})
+
+
+def test_normalisation_keeps_water_fat_ratio():
+    s = _study()
+    x = prep.stage1_input(s)
+    assert x.shape == (2, *s.shape) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= prep.CLIP[1]
+    body = (s.water + s.fat) > 0
+    ok = body & (x < prep.CLIP[1]).all(0) & (s.fat > 1)
+    np.testing.assert_allclose(x[0][ok] / x[1][ok], s.water[ok] / s.fat[ok], rtol=1e-4)
+    assert 0.5 < np.percentile((x[0] + x[1])[body], 50) < 1.0
+    # same scale whatever the scanner's gain
+    s2 = make_study({"water": (s.water * 7, s.affine, "w"), "fat": (s.fat * 7, s.affine, "f")})
+    np.testing.assert_allclose(prep.stage1_input(s2), x, rtol=1e-5, atol=1e-6)
+
+
+def test_stage2_input_channels():
+    s = _study()
+    x = prep.stage2_input(s)
+    assert x.shape == (2, *s.shape)
+    np.testing.assert_allclose(x[1], prep.stage1_input(s)[0])
+    x3 = prep.stage2_input(s, s.labels["stage1"])
+    assert x3.shape == (3, *s.shape) and set(np.unique(x3[2])) == {0.0, 1.0}
+
+
+def test_working_grid_round_trip():
+    s = _study()
+    w = prep.to_working(s)  # 0.75 mm -> 1.5 mm in-plane
+    assert w.shape == (20, 15, 6) and np.allclose(w.spacing, (1.5, 1.5, 6.0))
+    # voxel centres: world position of working voxel 0 is the midpoint of input voxels 0 and 1
+    np.testing.assert_allclose(w.affine[:3, 3], s.affine[:3, :3] @ [0.5, 0.5, 0] + s.affine[:3, 3])
+    back = prep.from_working(w.labels["stage1"], w, s)
+    assert back.shape == s.shape and back.dtype == np.uint8
+    assert (back == s.labels["stage1"]).mean() > 0.97
+    assert prep.to_working(s, {"working_spacing": [None, None, None]}) is s
+    assert prep.to_working(s, (0.76, 0.76, None)) is s  # within tolerance: untouched
+    probs = np.stack([w.water, w.fat])
+    assert prep.from_working(probs, w, s, order=1).shape == (2, *s.shape)
+    with pytest.raises(LegcompInputError):
+        prep.from_working(np.zeros((3, 3, 3)), w, s)
+
+
+def test_leg_crop_and_mirror():
+    stage1 = np.zeros((60, 40, 5), np.uint8)
+    legs = np.zeros_like(stage1)
+    legs[:30], legs[30:] = 2, 1
+    stage1[5:20, 10:30] = anatomy.WHOLE_MUSCLE.id
+    stage1[40:55, 12:28] = anatomy.WHOLE_MUSCLE.id
+    box = prep.leg_crop_box(stage1, legs, 1, (1.5, 1.5, 6.0), margin_mm=3.0)
+    assert box == (slice(38, 57), slice(10, 30), slice(0, 5))
+    assert prep.leg_crop_box(stage1, legs, 1, (1.5, 1.5, 6.0), margin_mm=300.0)[0] == slice(0, 60)
+    assert prep.leg_crop_box(np.zeros_like(stage1), legs, 1, (1, 1, 1)) is None
+    img = np.random.default_rng(0).random((2, 60, 40, 5))
+    c = prep.crop(img, box)
+    assert c.shape == (2, 19, 20, 5)
+    m = prep.mirror_x(c)
+    assert np.array_equal(m[:, 0], c[:, -1]) and np.array_equal(prep.mirror_x(m), c)
+    full = np.zeros((60, 40, 5))
+    prep.paste(full, np.ones((19, 20, 5)), box)
+    assert full.sum() == 19 * 20 * 5
+    assert prep.is_left(1) and not prep.is_left(2)
+    assert prep.pad_to_multiple(np.zeros((2, 19, 20, 5)), (16, 16, 4)).shape == (2, 32, 32, 8)
