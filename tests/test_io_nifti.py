@@ -143,3 +143,27 @@ def test_info_cli_and_exit_code(tmp_path, capsys):
     assert main(["info", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no fat image" in err
+
+
+def test_label_ids_above_255_are_refused(tmp_path):
+    d = tmp_path / "thigh_big"
+    _write(d, ["water.nii.gz", "fat.nii.gz"])
+    lab = np.zeros((10, 12, 6), np.int16)
+    lab[1, 1, 1] = 258
+    nib.save(nib.Nifti1Image(lab, AFFINE), str(d / "stage2.nii.gz"))
+    assert "stage2.nii.gz" in _expect_error(d, "0-255")
+
+
+def test_scaled_int16_keeps_float64_values(tmp_path):
+    """The seed threshold must see the exact scaled values (nibabel's float64), not float32 roundings."""
+    d = tmp_path / "scaled"
+    d.mkdir()
+    raw = np.arange(10 * 12 * 6, dtype=np.int16).reshape(10, 12, 6)
+    for name in ("water", "fat"):
+        img = nib.Nifti1Image(raw, AFFINE)
+        img.header.set_slope_inter(0.1234567, 3.3)
+        nib.save(img, str(d / f"{name}.nii.gz"))
+    s = read_study(d)
+    ref = nib.load(str(d / "fat.nii.gz")).get_fdata()
+    assert s.fat.dtype == np.float64
+    assert np.array_equal(np.sort(s.fat.ravel()), np.sort(ref.ravel()))

@@ -123,3 +123,25 @@ def test_bundled_weights_on_real_calf(tmp_path):
     table = pd.read_csv(out / "volumes.csv")
     legs = set(table["leg"])
     assert {"left", "right"} <= legs
+
+
+def test_rerun_into_same_folder_leaves_no_stale_files(tmp_path, thigh_case, tiny_weights):
+    out = tmp_path / "out"
+    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
+    assert (out / "overlay.png").is_file() and (out / "volumes.csv").is_file()
+    assert main(["predict", str(thigh_case), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
+    assert (out / "stage2.nii.gz").is_file()
+    assert not (out / "overlay.png").exists() and not (out / "volumes.csv").exists()
+
+
+def test_single_leg_runs(tmp_path, tiny_weights):
+    case = write_phantom(generate("calf", 5, legs="left", matrix=(64, 64, 12), spacing=(4.0, 4.0, 8.0)),
+                         tmp_path / "calf_00005")
+    study = read_study(case)
+    s1, s2 = Cascade.load("calf", tiny_weights, "cpu").predict(study)
+    assert s1.shape == s2.shape == study.shape
+
+
+def test_bad_device_is_an_input_error(thigh_case, tmp_path, capsys):
+    assert main(["run", str(thigh_case), "--out", str(tmp_path / "o"), "--device", "tpu9", "--quiet"]) == 2
+    assert "device" in capsys.readouterr().err

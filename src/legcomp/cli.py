@@ -42,16 +42,15 @@ def _ints(n: int) -> Callable[[str], tuple[int, ...]]:
 def cmd_labels(args: argparse.Namespace) -> int:
     from legcomp import anatomy
     if args.itksnap or args.slicer:
-        out = Path(args.itksnap or args.slicer)
-        out.mkdir(parents=True, exist_ok=True)
         regions = [args.region] if args.region else list(anatomy.REGIONS)
-        for region in regions:
-            for stage in (1, 2):
-                stem = f"{region}_stage{stage}"
-                if args.itksnap:
-                    print(anatomy.write_itksnap_labels(out / f"{stem}_itksnap.label", stage, region))
-                else:
-                    print(anatomy.write_slicer_colortable(out / f"{stem}_slicer.ctbl", stage, region))
+        for folder, writer, suffix in ((args.itksnap, anatomy.write_itksnap_labels, "itksnap.label"),
+                                       (args.slicer, anatomy.write_slicer_colortable, "slicer.ctbl")):
+            if not folder:
+                continue
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            for region in regions:
+                for stage in (1, 2):
+                    print(writer(Path(folder) / f"{region}_stage{stage}_{suffix}", stage, region))
         return 0
     if args.json:
         print(anatomy.labels_json(args.region))
@@ -232,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LegcompInputError as exc:
         print(f"legcomp: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output folder, disk full, a file where a folder should be...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"legcomp: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("legcomp: interrupted", file=sys.stderr)

@@ -91,8 +91,16 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+OUTPUT_FILES = ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json", "mat.nii.gz", "intramat.nii.gz",
+                "intermat.nii.gz", "overlay.png", "run.json")
+"""Files a study's output folder may hold; stale ones from an earlier run are removed."""
+
+
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
+        for name in OUTPUT_FILES:
+            if not (tmp / name).exists():
+                (out_dir / name).unlink(missing_ok=True)
         for f in tmp.iterdir():
             target = out_dir / f.name
             if target.is_dir():

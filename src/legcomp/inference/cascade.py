@@ -25,7 +25,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
 from legcomp.models import load_weights
 from legcomp.preprocessing import inputs as prep
-from legcomp.preprocessing.legs import leg_map
+from legcomp.preprocessing.legs import leg_map, side_from_muscles
 
 INFERENCE_ROI_MAX = (256, 256, 64)
 """Largest sliding window (voxels x, y, z) at inference; bounds memory whatever the image size."""
@@ -52,9 +52,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LegcompInputError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise LegcompInputError(f"unsupported device {device!r}; expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise LegcompInputError("CUDA was asked for but is not available")
-    return torch.device(device)
+    return dev
 
 
 @dataclass
@@ -124,6 +130,12 @@ class Cascade:
         lab = self.stage1.segment(prep.stage1_input(work))
         return prep.from_working(lab, work, study)
 
+    def _segment_leg(self, crop: np.ndarray, mirror: bool) -> np.ndarray:
+        """Stage-2 labels of one leg crop (C, x, y, z); ``mirror`` flips a left leg to look right."""
+        if not mirror:
+            return self.stage2.segment(crop)
+        return prep.mirror_x(self.stage2.segment(prep.mirror_x(crop)))
+
     def predict_stage2(self, study: DixonStudy, stage1: np.ndarray) -> np.ndarray:
         """Individual muscles (anatomy ids), per leg, inside the stage-1 whole muscle."""
         muscle = stage1 == anatomy.WHOLE_MUSCLE.id
@@ -136,15 +148,22 @@ class Cascade:
         legs_work = prep.labels_to_working(legs, study, work)
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None)
         full = np.zeros(work.shape, np.uint8)
-        for leg_id in (int(v) for v in np.unique(legs_work[legs_work > 0])):
+        leg_ids = [int(v) for v in np.unique(legs_work[legs_work > 0])]
+        for leg_id in leg_ids:
             box = prep.leg_crop_box(s1_work, legs_work, leg_id, work.spacing, LEG_MARGIN_MM)
             if box is None:
                 continue
-            crop = prep.crop(image, box)
-            lab = self.stage2.segment(prep.mirror_x(crop) if prep.is_left(leg_id) else crop)
-            if prep.is_left(leg_id):
-                lab = prep.mirror_x(lab)
             inside = (prep.crop(legs_work, box) == leg_id) & (prep.crop(s1_work, box) == anatomy.WHOLE_MUSCLE.id)
+            crop = prep.crop(image, box)
+            lab = self._segment_leg(crop, mirror=prep.is_left(leg_id))
+            if len(leg_ids) == 1:
+                # a lone leg's side was only guessed from its position: let the muscles' anatomy
+                # decide (lateral muscles lie towards +x in a right leg) and redo it mirrored if needed
+                probe = np.zeros(work.shape, np.uint8)
+                prep.paste(probe, lab, box, where=inside & (lab > 0))
+                side = side_from_muscles(probe, self.region, work.affine)
+                if side is not None and side != leg_id:
+                    lab = self._segment_leg(crop, mirror=prep.is_left(side))
             prep.paste(full, lab, box, where=inside & (lab > 0))
         s2 = prep.from_working(full, work, study)
         s2[~muscle] = 0

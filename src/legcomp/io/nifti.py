@@ -100,12 +100,15 @@ def region_from_path(path: str | Path) -> str:
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one NIfTI file as (float32 data, 4x4 affine); unreadable files raise LegcompInputError."""
+    """Read one NIfTI file as (data, 4x4 affine); unreadable files raise LegcompInputError.
+
+    Data are float64 as nibabel scales them (``get_fdata``), float32 when stored as float32.
+    """
     path = Path(path)
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        return np.asarray(data, dtype=np.float32), np.asarray(img.affine, dtype=float)
+        dtype = np.float32 if img.get_data_dtype() == np.float32 else np.float64
+        return img.get_fdata(dtype=dtype), np.asarray(img.affine, dtype=float)
     except FileNotFoundError:
         raise LegcompInputError("file not found", path) from None
     except Exception as exc:  # nibabel raises many types for truncated / corrupt files

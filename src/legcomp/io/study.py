@@ -29,7 +29,8 @@ class DixonStudy:
     """One two-point Dixon study in canonical RAS+ orientation.
 
     Attributes:
-        water, fat, in_phase, opposed_phase: float32 arrays, axes (x, y, z), RAS+.
+        water, fat, in_phase, opposed_phase: float arrays (float32, or float64 as read from
+            scaled NIfTI/DICOM data), axes (x, y, z), RAS+.
         affine: 4x4 voxel-to-world (mm) matrix of the canonical arrays.
         region: ``"thigh"``, ``"calf"`` or ``"unknown"``.
         name: subject / study identifier.
@@ -104,7 +105,9 @@ class DixonStudy:
 def check_image(data: np.ndarray, path: object) -> np.ndarray:
     """Validate one image array: 3D (a trailing singleton axis is dropped), finite, not all zero.
 
-    Returns the data as float32. Raises :class:`LegcompInputError` naming ``path``.
+    Returns float32 data, or float64 when given float64 (scaled integer NIfTI data read with
+    nibabel), so that thresholds on the original values stay exact. Raises
+    :class:`LegcompInputError` naming ``path``.
     """
     data = np.asarray(data)
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -113,7 +116,7 @@ def check_image(data: np.ndarray, path: object) -> np.ndarray:
         raise LegcompInputError(f"image is {data.ndim}D with shape {tuple(data.shape)}, expected a 3D volume", path)
     if min(data.shape) < 1 or data.size == 0:
         raise LegcompInputError("image is empty", path)
-    data = data.astype(np.float32, copy=False)
+    data = data.astype(np.float64 if data.dtype == np.float64 else np.float32, copy=False)
     if not np.isfinite(data).all():
         raise LegcompInputError("image contains NaN or inf values", path)
     if not np.any(data):
@@ -164,6 +167,8 @@ def make_study(images: dict[str, tuple[np.ndarray, np.ndarray, object]], *, regi
         check_same_geometry(ref, (d, np.asarray(a, dtype=float), p), atol_mm)
         if not np.isfinite(d).all() or (d < 0).any() or (d != np.round(d)).any():
             raise LegcompInputError("label map must hold non-negative integers", p)
+        if d.size and d.max() > 255:
+            raise LegcompInputError(f"label map holds id {int(d.max())}; label ids must lie in 0-255", p)
         lab_checked[k] = d.astype(np.uint8)
     input_affine = ref[1]
     ornt = nib.io_orientation(input_affine)

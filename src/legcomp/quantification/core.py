@@ -323,7 +323,14 @@ def quantify_files(study_path: str | Path, stage1_path: str | Path | None, stage
     legs = study.labels.get("legs")
     if legs is not None and not legs.any():
         legs = None
-    q = quantify(study, s1, s2, region=reg if reg != "unknown" else None, fat_rule=fat_rule, legs=legs)
+    try:
+        q = quantify(study, s1, s2, region=reg if reg != "unknown" else None, fat_rule=fat_rule, legs=legs)
+    except LegcompInputError as exc:  # name the file the problem comes from
+        msg = str(exc)
+        culprit = stage1_path if msg.startswith("stage-1") else stage2_path if msg.startswith("stage-2") else None
+        if exc.path is None and culprit is not None:
+            raise LegcompInputError(msg, culprit) from None
+        raise
     q.meta["inputs"] = {"study": str(study_path), "stage1": str(stage1_path) if stage1_path else None,
                         "stage2": str(stage2_path) if stage2_path else None,
                         "mapping": getattr(mp, "path", None) if mp is not None else None}
