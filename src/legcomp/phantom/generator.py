@@ -480,10 +480,10 @@ def generate_cohort(region: str, n: int, seed: int, out: str | os.PathLike, *, p
     if int(n) < 1:
         raise LegcompInputError(f"n must be >= 1, got {n!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in tqdm(range(int(n)), desc=f"phantom {region}", disable=not progress):
         s = int(seed) + i
-        ph = generate(region, s, **options)
+        ph = generate(region, s, **options)  # bad options fail here, before anything is written
+        out.mkdir(parents=True, exist_ok=True)
         paths.append(write_phantom(ph, out / f"{region}_{s:05d}"))
     return paths
