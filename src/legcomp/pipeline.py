@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,12 @@ from legcomp import __version__
 from legcomp.errors import LegcompInputError
 from legcomp.inference.cascade import Cascade
 from legcomp.io import DixonStudy, find_studies, read_study
+from legcomp.io.atomic import staged_output
+
+
+OUTPUT_FILES = ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json", "mat.nii.gz", "intramat.nii.gz",
+                "intermat.nii.gz", "overlay.png", "run.json")
+"""Files a study's output folder may hold; stale ones from an earlier run are removed."""
 
 
 def _sha256(path: str | Path) -> str:
@@ -47,9 +51,7 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
                   quantify: bool = True, overlay: bool = True, fat_rule: str = "seed") -> Path:
     """Segment (and quantify) one study into ``out_dir``, atomically. Returns ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_output(out_dir, managed=OUTPUT_FILES) as tmp:
         t0 = time.perf_counter()
         stage1, stage2 = cascade.predict(study)
         t_seg = time.perf_counter() - t0
@@ -85,29 +87,9 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
             "notes": notes,
         }
         (tmp / "run.json").write_text(json.dumps(prov, indent=2))
-        _move_into_place(tmp, out_dir)
-        return out_dir
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
-OUTPUT_FILES = ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json", "mat.nii.gz", "intramat.nii.gz",
-                "intermat.nii.gz", "overlay.png", "run.json")
-"""Files a study's output folder may hold; stale ones from an earlier run are removed."""
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        for name in OUTPUT_FILES:
-            if not (tmp / name).exists():
-                (out_dir / name).unlink(missing_ok=True)
-        for f in tmp.iterdir():
-            target = out_dir / f.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            f.replace(target)
-    else:
-        tmp.replace(out_dir)
 
 
 def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None, weights: str | None = None,

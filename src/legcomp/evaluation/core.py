@@ -24,9 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +33,7 @@ import pandas as pd
 from legcomp import anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.evaluation.metrics import confusion, dice_from_confusion, hausdorff95, relative_error_pct
+from legcomp.io.atomic import staged_output
 from legcomp.io.study import DixonStudy
 from legcomp.preprocessing.legs import leg_map
 from legcomp.quantification.core import quantify
@@ -383,10 +381,8 @@ def evaluate_paths(pred: str | Path, truth: str | Path, out_dir: str | Path | No
 def write_evaluation(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     """Write ``metrics.csv``, ``summary.csv``, ``summary.md`` (and ``errors.csv`` if any) atomically."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        names = {"metrics": "metrics.csv", "summary": "summary.csv", "markdown": "summary.md"}
+    names = {"metrics": "metrics.csv", "summary": "summary.csv", "markdown": "summary.md"}
+    with staged_output(out_dir, managed=[*names.values(), "errors.csv"]) as tmp:
         ev.metrics.to_csv(tmp / names["metrics"], index=False, float_format="%.6g")
         ev.summary.to_csv(tmp / names["summary"], index=False, float_format="%.6g")
         n = ev.metrics.subject.nunique() if not ev.metrics.empty else 0
@@ -394,13 +390,4 @@ def write_evaluation(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
         if ev.errors:
             names["errors"] = "errors.csv"
             pd.DataFrame(sorted(ev.errors.items()), columns=["subject", "error"]).to_csv(tmp / names["errors"], index=False)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not ev.errors and (out_dir / "errors.csv").is_file():
-            (out_dir / "errors.csv").unlink()  # stale from an earlier run
-        written = {}
-        for k, n_ in names.items():
-            os.replace(tmp / n_, out_dir / n_)
-            written[k] = out_dir / n_
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: out_dir / n_ for k, n_ in names.items()}

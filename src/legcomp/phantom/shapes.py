@@ -317,7 +317,6 @@ def sample_subject(region: str, rng: np.random.Generator, *, legs: str = "both",
         separation = spec.gap * (1.0 + v * rng.uniform(-0.7, 0.6))
     sides = {"both": (1, 2), "left": (1,), "right": (2,)}[legs]
     out: list[LegModel] = []
-    t_keys = T_KEYS[:, None]
     for leg_id in sides:
         mirror = 1.0 if leg_id == 2 else -1.0
         asym = 1.0 + v * rng.uniform(-0.03, 0.03)
@@ -537,7 +536,6 @@ def rasterize_leg(leg: LegModel, xs: np.ndarray, ys: np.ndarray, z: float, code:
         tis[idx] = lab
         g[idx] = np.where(septal, 0.0, h - half)
     # vessels and their fat pads (deep ones inside the fascia, saphenous veins in the SAT)
-    sat_mid = None
     for ve in leg.vessels:
         lo, hi = ve["t_range"]
         if not (lo <= t <= hi):

@@ -27,9 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +36,7 @@ import pandas as pd
 import legcomp
 from legcomp import anatomy
 from legcomp.errors import LegcompInputError
+from legcomp.io.atomic import staged_output
 from legcomp.io.study import DixonStudy
 from legcomp.preprocessing.legs import leg_map
 from legcomp.quantification.fat import describe_fat_rule, fat_fraction, fat_mask, parse_fat_rule
@@ -256,23 +254,14 @@ def write_quantification(q: Quantification, study: DixonStudy, out_dir: str | Pa
         file kind -> written path.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        names = {"csv": "volumes.csv", "json": "volumes.json"}
+    names = {"csv": "volumes.csv", "json": "volumes.json"}
+    with staged_output(out_dir, managed=[*names.values(), *(f"{k}.nii.gz" for k in MASK_NAMES)]) as tmp:
         q.table.to_csv(tmp / names["csv"], index=False, float_format="%.6g")
         (tmp / names["json"]).write_text(json.dumps(quantification_json(q), indent=2, allow_nan=False))
         for k, arr in q.masks.items():
             names[k] = f"{k}.nii.gz"
             study.save_like_input(arr, tmp / names[k], dtype=np.uint8)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = {}
-        for k, n in names.items():
-            os.replace(tmp / n, out_dir / n)
-            written[k] = out_dir / n
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: out_dir / n for k, n in names.items()}
 
 
 def read_labels_for(study: DixonStudy, path: str | Path | None, kind: str, mapping=None, region: str | None = None,
