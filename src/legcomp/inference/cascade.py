@@ -27,7 +27,7 @@ from legcomp.models import load_weights
 from legcomp.preprocessing import inputs as prep
 from legcomp.preprocessing.legs import leg_map, side_from_muscles
 
-INFERENCE_ROI_MAX = (256, 256, 64)
+INFERENCE_ROI_MAX = (320, 320, 48)
 """Largest sliding window (voxels x, y, z) at inference; bounds memory whatever the image size."""
 
 LEG_MARGIN_MM = prep.LEG_MARGIN_MM
