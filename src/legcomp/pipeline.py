@@ -10,6 +10,7 @@ reported (``failures.csv``) and the others go on; the cohort table is ``cohort_v
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -31,7 +32,9 @@ OUTPUT_FILES = ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json",
 """Files a study's output folder may hold; stale ones from an earlier run are removed."""
 
 
+@functools.lru_cache(maxsize=None)
 def _sha256(path: str | Path) -> str:
+    """First 16 hex digits of a file's SHA-256 (weights files: hashed once per cohort run)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 

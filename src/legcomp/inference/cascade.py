@@ -121,12 +121,17 @@ class Cascade:
 
     def predict(self, study: DixonStudy) -> tuple[np.ndarray, np.ndarray]:
         """Stage-1 and stage-2 label maps (uint8, canonical (x, y, z), the study's grid)."""
-        s1 = self.predict_stage1(study)
-        return s1, self.predict_stage2(study, s1)
-
-    def predict_stage1(self, study: DixonStudy) -> np.ndarray:
-        """Background (0) / SAT (1) / whole muscle (2) on the study's grid."""
         work = prep.to_working(study, self.stage1.meta)
+        same_grid = prep.working_spacing(self.stage1.meta) == prep.working_spacing(self.stage2.meta)
+        s1 = self.predict_stage1(study, work)
+        return s1, self.predict_stage2(study, s1, work if same_grid else None)
+
+    def predict_stage1(self, study: DixonStudy, work: DixonStudy | None = None) -> np.ndarray:
+        """Background (0) / SAT (1) / whole muscle (2) on the study's grid.
+
+        ``work``: the study already resampled to this network's working grid (saves redoing it).
+        """
+        work = work if work is not None else prep.to_working(study, self.stage1.meta)
         lab = self.stage1.segment(prep.stage1_input(work))
         return prep.from_working(lab, work, study)
 
@@ -136,14 +141,17 @@ class Cascade:
             return self.stage2.segment(crop)
         return prep.mirror_x(self.stage2.segment(prep.mirror_x(crop)))
 
-    def predict_stage2(self, study: DixonStudy, stage1: np.ndarray) -> np.ndarray:
-        """Individual muscles (anatomy ids), per leg, inside the stage-1 whole muscle."""
+    def predict_stage2(self, study: DixonStudy, stage1: np.ndarray, work: DixonStudy | None = None) -> np.ndarray:
+        """Individual muscles (anatomy ids), per leg, inside the stage-1 whole muscle.
+
+        ``work``: the study already resampled to this network's working grid (saves redoing it).
+        """
         muscle = stage1 == anatomy.WHOLE_MUSCLE.id
         out = np.zeros(study.shape, np.uint8)
         if not muscle.any():
             return out
         legs = leg_map(stage1 > 0, study.affine)
-        work = prep.to_working(study, self.stage2.meta)
+        work = work if work is not None else prep.to_working(study, self.stage2.meta)
         s1_work = prep.labels_to_working(stage1, study, work)
         legs_work = prep.labels_to_working(legs, study, work)
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None)

@@ -56,7 +56,7 @@ def body_mask(study: DixonStudy) -> np.ndarray:
 def intensity_scale(study: DixonStudy) -> float:
     """Robust signal scale: the ``NORM_PERCENTILE`` percentile of W+F inside the body (> 0)."""
     ip = study.water + study.fat
-    body = ip > BODY_FRACTION * float(np.percentile(ip, 99.9))
+    body = body_mask(study)
     vals = ip[body] if body.any() else ip.ravel()
     scale = float(np.percentile(vals, NORM_PERCENTILE))
     if not np.isfinite(scale) or scale <= 0:
