@@ -38,6 +38,15 @@ def _sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
+def _trained_on(weights_file: str) -> str:
+    """What a weights file was trained on, from the provenance JSON beside it ("unknown" without one)."""
+    prov = Path(weights_file).with_suffix(".provenance.json")
+    if prov.is_file():
+        return str(json.loads(prov.read_text()).get("trained_on", "unknown"))
+    return "unknown"
+
+
 def resolve_region(study: DixonStudy, region: str | None) -> tuple[str, str]:
     """(region, how): the option, else the study's folder/file names, else image-based detection."""
     if region:
@@ -83,7 +92,7 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
             "contrasts_derived": list(study.derived), "shape": list(study.input_shape or study.shape),
             "spacing_mm": list(study.spacing), "orientation": study.orientation,
             "weights": {f"stage{s}": {"file": p, "sha256_16": _sha256(p)} for s, p in cascade.sources.items()},
-            "weights_trained_on": cascade.stage1.meta.get("trained_on", "unknown"),
+            "weights_trained_on": _trained_on(cascade.sources[1]),
             "fat_rule": fat_rule if quantify else None,
             "seconds": {"segmentation": round(t_seg, 2), "quantification": round(t_quant, 2)},
             "device": str(cascade.stage1.device),
@@ -91,8 +100,6 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
         }
         (tmp / "run.json").write_text(json.dumps(prov, indent=2))
     return out_dir
-
-
 
 
 def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None, weights: str | None = None,
