@@ -54,3 +54,14 @@ def test_itksnap_and_slicer_exports(tmp_path):
     assert main(["labels", "--region", "calf", "--slicer", str(tmp_path)]) == 0
     rows = [l.split() for l in (tmp_path / "calf_stage2_slicer.ctbl").read_text().splitlines() if not l.startswith("#")]
     assert rows[1][:2] == ["1", "gastrocnemius_medialis"] and len(rows) == 10
+
+
+def test_label_rgba_uses_the_table_colours():
+    import numpy as np
+
+    lab = anatomy.label_by_name("sartorius", "thigh")
+    img = np.array([[0, lab.id], [99, 0]])
+    rgba = anatomy.label_rgba(img, 2, "thigh", alpha=0.6)
+    assert rgba.shape == (2, 2, 4) and rgba.dtype == np.float32
+    assert np.allclose(rgba[0, 1], [*(c / 255 for c in lab.color), 0.6])
+    assert rgba[0, 0, 3] == 0 and rgba[1, 0, 3] == 0  # background and unknown ids stay transparent

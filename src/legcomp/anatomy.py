@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from legcomp.errors import LegcompInputError
 
 REGIONS: tuple[str, ...] = ("thigh", "calf")
@@ -175,3 +177,19 @@ def write_slicer_colortable(path: str | Path, stage: int, region: str) -> Path:
 def colormap(stage: int, region: str) -> dict[int, tuple[float, float, float]]:
     """Label id -> RGB colour as floats 0-1 (for matplotlib)."""
     return {lab.id: tuple(c / 255 for c in lab.color) for lab in stage_labels(stage, region)}
+
+
+def label_rgba(labels: np.ndarray, stage: int, region: str, alpha: float = 0.45) -> np.ndarray:
+    """RGBA float32 image (..., 4) of a label map in the anatomy colours; background transparent.
+
+    Args:
+        labels: integer label map of any shape (e.g. an axial slice (x, y)) with ``stage`` ids.
+        alpha: opacity 0-1 of labelled pixels.
+    """
+    labels = np.asarray(labels)
+    rgba = np.zeros((*labels.shape, 4), np.float32)
+    for lab_id, col in colormap(stage, region).items():
+        sel = labels == lab_id
+        rgba[sel, :3] = col
+        rgba[sel, 3] = alpha
+    return rgba

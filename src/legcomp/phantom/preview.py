@@ -35,15 +35,9 @@ def _load_folder(folder: Path) -> dict:
 
 def _overlay(stage1: np.ndarray, stage2: np.ndarray, region: str) -> np.ndarray:
     """RGBA image: muscles in anatomy colours, SAT and the rest of whole muscle in the stage-1 colours."""
-    rgba = np.zeros(stage1.shape + (4,), np.float32)
-    for lab in anatomy.STAGE1:
-        m = stage1 == lab.id
-        rgba[m, :3] = np.array(lab.color) / 255
-        rgba[m, 3] = 0.35
-    for lab in anatomy.MUSCLES[region]:
-        m = stage2 == lab.id
-        rgba[m, :3] = np.array(lab.color) / 255
-        rgba[m, 3] = 0.6
+    rgba = anatomy.label_rgba(stage1, 1, region, alpha=0.35)
+    muscles = np.asarray(stage2) > 0
+    rgba[muscles] = anatomy.label_rgba(stage2, 2, region, alpha=0.6)[muscles]
     return rgba
 
 

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 
 from legcomp import anatomy  # noqa: E402
@@ -18,16 +19,6 @@ def pick_levels(mask: np.ndarray, n: int = 3) -> list[int]:
     zs = np.nonzero(mask.any(axis=(0, 1)))[0] if mask.any() else np.arange(mask.shape[2])
     lo, hi = int(zs.min()), int(zs.max())
     return sorted({int(round(v)) for v in np.linspace(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo), n)})
-
-
-def label_rgba(labels: np.ndarray, stage: int, region: str, alpha: float = 0.45) -> np.ndarray:
-    """RGBA image (…, 4) of a 2-D label map with the anatomy colours; background transparent."""
-    rgba = np.zeros((*labels.shape, 4), np.float32)
-    for lab_id, col in anatomy.colormap(stage, region).items():
-        sel = labels == lab_id
-        rgba[sel, :3] = col
-        rgba[sel, 3] = alpha
-    return rgba
 
 
 def _show(ax, img: np.ndarray, spacing: tuple[float, float, float]) -> None:
@@ -51,9 +42,9 @@ def save_overlay(water: np.ndarray, fat: np.ndarray, stage1: np.ndarray, stage2:
     fig, axes = plt.subplots(len(levels), cols, figsize=(3.2 * cols, 2.6 * len(levels)), squeeze=False)
     for row, z in enumerate(levels):
         w, f = water[:, :, z], fat[:, :, z]
-        panels = [("water", w, None), ("fat", f, None), ("stage 1: SAT / muscle", w, label_rgba(stage1[:, :, z], 1, region))]
+        panels = [("water", w, None), ("fat", f, None), ("stage 1: SAT / muscle", w, anatomy.label_rgba(stage1[:, :, z], 1, region))]
         if stage2 is not None:
-            panels.append(("stage 2: muscles", w, label_rgba(stage2[:, :, z], 2, region, alpha=0.6)))
+            panels.append(("stage 2: muscles", w, anatomy.label_rgba(stage2[:, :, z], 2, region, alpha=0.6)))
         for col, (name, img, over) in enumerate(panels):
             ax = axes[row, col]
             _show(ax, img, spacing)
@@ -63,8 +54,11 @@ def save_overlay(water: np.ndarray, fat: np.ndarray, stage1: np.ndarray, stage2:
                 ax.set_title(name, fontsize=9)
             if col == 0:
                 ax.set_ylabel(f"z = {z}", fontsize=8)
+    shown = [*anatomy.STAGE1, *(anatomy.MUSCLES[region] if stage2 is not None else ())]
+    fig.legend(handles=[Patch(color=np.array(lab.color) / 255, label=lab.abbrev) for lab in shown],
+               loc="lower center", ncol=min(len(shown), 16), fontsize=7, frameon=False)
     fig.suptitle(f"{title}  (R on the left, anterior up)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=90)
     plt.close(fig)
