@@ -50,20 +50,37 @@ def main() -> None:
     mapped = sorted({anatomy.label_by_name(n, "thigh").id for n in mapping.values() if n})
     print(f"huashan_thigh_001: {study.shape} voxels at {tuple(round(s, 2) for s in study.spacing)} mm, "
           f"segmentation {t_thigh:.1f} s")
-    print(f"{'muscle':36s} {'left DSC':>9s} {'right DSC':>10s}")
-    per_leg: dict[str, list[float]] = {"left": [], "right": []}
+    # the reference labels only some slices (none at the hip): a second table is restricted to them
+    ref_z = np.flatnonzero((ref > 0).any(axis=(0, 1)))
+    in_ref_z = np.zeros(study.shape, bool)
+    in_ref_z[:, :, ref_z] = True
+    print(f"reference labels slices {ref_z.min()}-{ref_z.max()} of 0-{study.shape[2] - 1}")
+    print(f"{'muscle':36s} {'left DSC':>9s} {'right DSC':>10s} {'left*':>7s} {'right*':>7s}   (* = labelled slices only)")
+    per_leg: dict[str, list[float]] = {"left": [], "right": [], "left*": [], "right*": []}
     for lab_id in mapped:
         name = anatomy.MUSCLES["thigh"][lab_id - 1].name
         vals = []
-        for leg_id, leg in anatomy.LEGS.items():
-            sel = legs == leg_id
-            d = dice(s2[sel] == lab_id, ref[sel] == lab_id)
-            per_leg[leg].append(d)
-            vals.append(d)
-        print(f"{name:36s} {vals[0]:9.3f} {vals[1]:10.3f}")
-    print(f"{'mean over mapped muscles':36s} {np.nanmean(per_leg['left']):9.3f} {np.nanmean(per_leg['right']):10.3f}")
+        for restrict in (False, True):
+            for leg_id, leg in anatomy.LEGS.items():
+                sel = (legs == leg_id) & in_ref_z if restrict else legs == leg_id
+                d = dice(s2[sel] == lab_id, ref[sel] == lab_id)
+                per_leg[leg + ("*" if restrict else "")].append(d)
+                vals.append(d)
+        print(f"{name:36s} {vals[0]:9.3f} {vals[1]:10.3f} {vals[2]:7.3f} {vals[3]:7.3f}")
+    means = [np.nanmean(per_leg[k]) for k in ("left", "right", "left*", "right*")]
+    print(f"{'mean over mapped muscles':36s} {means[0]:9.3f} {means[1]:10.3f} {means[2]:7.3f} {means[3]:7.3f}")
     union = dice(s2 > 0, ref > 0)
     print(f"{'all mapped muscles as one mask':36s} {union:9.3f} (both legs)")
+
+    # where the reference muscles went: stage-1 muscle coverage, and stage-2's label for them
+    names = ["none"] + [lab.abbrev for lab in anatomy.MUSCLES["thigh"]]
+    covered = (s1 == anatomy.WHOLE_MUSCLE.id) & (ref > 0)
+    print(f"\nreference muscle voxels that stage 1 calls muscle: {covered.sum() / max(1, (ref > 0).sum()):.0%}")
+    print("what stage 2 calls each reference muscle (fraction of its voxels; the two largest others):")
+    for lab_id in mapped:
+        got = np.bincount(s2[ref == lab_id], minlength=len(names)) / max(1, (ref == lab_id).sum())
+        others = [i for i in np.argsort(got)[::-1] if i != lab_id][:2]
+        print(f"  {names[lab_id]:3s} itself {got[lab_id]:4.0%}  " + "  ".join(f"{names[i]} {got[i]:4.0%}" for i in others))
 
     # ---- calf, no labels
     calf = read_study(root / "qmritools_calf")

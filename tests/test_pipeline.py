@@ -7,13 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 from legcomp import anatomy
 from legcomp.cli import main
 from legcomp.inference import Cascade, default_weights_dir
-from legcomp.io import read_study
+from legcomp.io import read_label_map, read_study
 from legcomp.models import build_network, save_weights
 from legcomp.phantom import generate, write_phantom
+from legcomp.preprocessing.legs import leg_map
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 TINY = dict(matrix=(96, 64, 12), spacing=(4.0, 4.0, 8.0))
@@ -123,6 +125,22 @@ def test_bundled_weights_on_real_calf(tmp_path):
     table = pd.read_csv(out / "volumes.csv")
     legs = set(table["leg"])
     assert {"left", "right"} <= legs
+    # the leg named right is the one lying towards world +x (RAS: the subject's right), judged from
+    # the raw file with nibabel alone, not through legcomp's reader
+    raw = nib.load(str(src / "water.nii.gz"))
+    data = np.asarray(raw.dataobj, np.float32)
+    comps, n = ndimage.label(data > 0.1 * np.percentile(data, 99.9))
+    sizes = ndimage.sum(np.ones_like(data), comps, range(1, n + 1))
+    big = [int(i) + 1 for i in np.argsort(sizes)[-2:]]
+    centres = [raw.affine @ [*ndimage.center_of_mass(comps == c), 1.0] for c in big]
+    study = read_study(src)
+    legs_map = leg_map(read_label_map(out / "stage1.nii.gz", study) > 0, study.affine)
+    inv = np.linalg.inv(study.affine)
+    names = {}
+    for c in centres:
+        ijk = np.round(inv @ c)[:3].astype(int)
+        names[anatomy.LEGS[int(legs_map[tuple(ijk)])]] = c[0]
+    assert set(names) == {"left", "right"} and names["right"] > names["left"]
 
 
 def test_rerun_into_same_folder_leaves_no_stale_files(tmp_path, thigh_case, tiny_weights):
