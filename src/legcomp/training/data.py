@@ -134,7 +134,7 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
     to at least the patch size and precomputes per-class voxel indices; the random part samples a
     patch centred on a class chosen uniformly (so small muscles are seen as often as large ones),
     then augments: in-plane rotation/scaling, light elastic deformation, bias field, gamma,
-    per-channel intensity scaling (domain transfer to real scans), Gaussian noise and smoothing,
+    global and per-channel intensity scaling (domain transfer to real scans), Gaussian noise and smoothing,
     and (stage 1 only) left-right flips.
     """
     import torch
@@ -164,6 +164,9 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
                              mode=("bilinear", "nearest"), padding_mode="zeros", device=device),
             T.RandBiasFieldd(keys="image", prob=0.15, coeff_range=(0.0, 0.2), degree=3),
             T.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+            # one factor for all channels (x0.55-1.6, the water/fat ratio kept): real scans' normalised
+            # signal differs from the phantom's (the dystrophic real thigh sits at about x0.6)
+            T.RandScaleIntensityd(keys="image", prob=0.5, factors=(-0.45, 0.6), channel_wise=False),
             T.RandScaleIntensityd(keys="image", prob=0.5, factors=0.15, channel_wise=True),
             TorchGaussianNoised(keys="image", prob=0.2, std=0.03),
             T.RandGaussianSmoothd(keys="image", prob=0.15, sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0),
