@@ -211,6 +211,28 @@ def test_working_grid_round_trip():
         prep.from_working(np.zeros((3, 3, 3)), w, s)
 
 
+def test_labels_from_probabilities_give_smoother_borders():
+    """A disc at 0.5 mm, its probabilities at 1.5 mm: linear resampling of probabilities recovers the
+    border better than nearest-neighbour labels, and equals argmax when the grids coincide."""
+    fine = np.zeros((90, 90, 4), np.float32)
+    xx, yy = np.meshgrid(np.arange(90) + 0.5, np.arange(90) + 0.5, indexing="ij")
+    disc = (xx - 44.0) ** 2 + (yy - 47.0) ** 2 < 31.0 ** 2
+    study = make_study({"water": (fine + disc[..., None], np.diag([0.5, 0.5, 6.0, 1.0]), "w"),
+                        "fat": (fine + 0.1, np.diag([0.5, 0.5, 6.0, 1.0]), "f")})
+    work = prep.to_working(study)
+    assert work.shape == (30, 30, 4)
+    p1 = np.repeat(disc.reshape(30, 3, 30, 3).mean(axis=(1, 3))[..., None], 4, 2).astype(np.float32)  # partial volume
+    prob = np.stack([1 - p1, p1])
+    smooth = prep.labels_from_probabilities(prob, work, study)
+    nearest = prep.from_working(prob.argmax(0).astype(np.uint8), work, study)
+    truth = np.repeat(disc[..., None], 4, 2)
+    assert smooth.dtype == np.uint8 and smooth.shape == study.shape
+    assert (smooth != truth).sum() < 0.4 * (nearest != truth).sum()
+    assert np.array_equal(prep.labels_from_probabilities(prob, work, work), prob.argmax(0))
+    with pytest.raises(LegcompInputError):
+        prep.labels_from_probabilities(prob[:, :-1], work, study)
+
+
 def test_leg_crop_and_mirror():
     stage1 = np.zeros((60, 40, 5), np.uint8)
     legs = np.zeros_like(stage1)
@@ -229,5 +251,11 @@ def test_leg_crop_and_mirror():
     full = np.zeros((60, 40, 5))
     prep.paste(full, np.ones((19, 20, 5)), box)
     assert full.sum() == 19 * 20 * 5
+    # channel-first arrays: the (x, y, z) mask selects voxels in every channel
+    probs = np.zeros((3, 60, 40, 5))
+    where = np.zeros((19, 20, 5), bool)
+    where[:4] = True
+    prep.paste(probs, np.ones((3, 19, 20, 5)), box, where=where)
+    assert probs.sum() == 3 * where.sum() and probs[:, 38:42, 10:30].all()
     assert prep.is_left(1) and not prep.is_left(2)
     assert prep.pad_to_multiple(np.zeros((2, 19, 20, 5)), (16, 16, 4)).shape == (2, 32, 32, 8)

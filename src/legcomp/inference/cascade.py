@@ -71,8 +71,8 @@ class Network:
     meta: dict
     device: torch.device
 
-    def segment(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
-        """Label map (uint8, spatial shape of ``image``) for a (C, x, y, z) float32 array.
+    def probabilities(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Class probabilities, float32 (n_classes, x, y, z), for a (C, x, y, z) float32 array.
 
         Windows (at least the training patch, at most :data:`INFERENCE_ROI_MAX`) slide with 25 %
         overlap and Gaussian blending; logits are accumulated on the CPU, so device memory is
@@ -93,8 +93,12 @@ class Network:
                 x, roi_size=roi, sw_batch_size=1 if self.device.type == "cpu" else 8, predictor=self.model,
                 overlap=0.25, mode="gaussian", sw_device=self.device, device=torch.device("cpu"),
                 progress=progress)
-        lab = logits[0].argmax(0).to(torch.uint8).numpy()
-        return np.ascontiguousarray(lab[: spatial[0], : spatial[1], : spatial[2]])
+        prob = torch.softmax(logits[0, :, : spatial[0], : spatial[1], : spatial[2]].float(), dim=0)
+        return np.ascontiguousarray(prob.numpy())
+
+    def segment(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Label map (uint8, spatial shape of ``image``): the most probable class of :meth:`probabilities`."""
+        return self.probabilities(image, progress).argmax(0).astype(np.uint8)
 
 
 @dataclass
@@ -132,30 +136,32 @@ class Cascade:
         ``work``: the study already resampled to this network's working grid (saves redoing it).
         """
         work = work if work is not None else prep.to_working(study, self.stage1.meta)
-        lab = self.stage1.segment(prep.stage1_input(work))
-        return prep.from_working(lab, work, study)
+        prob = self.stage1.probabilities(prep.stage1_input(work))
+        return prep.labels_from_probabilities(prob, work, study)
 
-    def _segment_leg(self, crop: np.ndarray, mirror: bool) -> np.ndarray:
-        """Stage-2 labels of one leg crop (C, x, y, z); ``mirror`` flips a left leg to look right."""
+    def _leg_probabilities(self, crop: np.ndarray, mirror: bool) -> np.ndarray:
+        """Stage-2 class probabilities (C, x, y, z) of one leg crop; ``mirror`` flips a left leg to look right."""
         if not mirror:
-            return self.stage2.segment(crop)
-        return prep.mirror_x(self.stage2.segment(prep.mirror_x(crop)))
+            return self.stage2.probabilities(crop)
+        return prep.mirror_x(self.stage2.probabilities(prep.mirror_x(crop)))
 
     def predict_stage2(self, study: DixonStudy, stage1: np.ndarray, work: DixonStudy | None = None) -> np.ndarray:
         """Individual muscles (anatomy ids), per leg, inside the stage-1 whole muscle.
 
+        Each leg's class probabilities are pasted into one working-grid map (background outside
+        the leg's whole muscle), which goes back to the study's grid by linear interpolation.
         ``work``: the study already resampled to this network's working grid (saves redoing it).
         """
         muscle = stage1 == anatomy.WHOLE_MUSCLE.id
-        out = np.zeros(study.shape, np.uint8)
         if not muscle.any():
-            return out
+            return np.zeros(study.shape, np.uint8)
         legs = leg_map(stage1 > 0, study.affine)
         work = work if work is not None else prep.to_working(study, self.stage2.meta)
         s1_work = prep.labels_to_working(stage1, study, work)
         legs_work = prep.labels_to_working(legs, study, work)
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None)
-        full = np.zeros(work.shape, np.uint8)
+        full = np.zeros((int(self.stage2.meta["n_classes"]), *work.shape), np.float32)
+        full[0] = 1.0  # background wherever no leg's muscle is pasted
         leg_ids = [int(v) for v in np.unique(legs_work[legs_work > 0])]
         for leg_id in leg_ids:
             box = prep.leg_crop_box(s1_work, legs_work, leg_id, work.spacing, LEG_MARGIN_MM)
@@ -163,16 +169,17 @@ class Cascade:
                 continue
             inside = (prep.crop(legs_work, box) == leg_id) & (prep.crop(s1_work, box) == anatomy.WHOLE_MUSCLE.id)
             crop = prep.crop(image, box)
-            lab = self._segment_leg(crop, mirror=prep.is_left(leg_id))
+            prob = self._leg_probabilities(crop, mirror=prep.is_left(leg_id))
             if len(leg_ids) == 1:
                 # a lone leg's side was only guessed from its position: let the muscles' anatomy
                 # decide (lateral muscles lie towards +x in a right leg) and redo it mirrored if needed
+                lab = prob.argmax(0)
                 probe = np.zeros(work.shape, np.uint8)
                 prep.paste(probe, lab, box, where=inside & (lab > 0))
                 side = side_from_muscles(probe, self.region, work.affine)
                 if side is not None and side != leg_id:
-                    lab = self._segment_leg(crop, mirror=prep.is_left(side))
-            prep.paste(full, lab, box, where=inside & (lab > 0))
-        s2 = prep.from_working(full, work, study)
+                    prob = self._leg_probabilities(crop, mirror=prep.is_left(side))
+            prep.paste(full, prob, box, where=inside)
+        s2 = prep.labels_from_probabilities(full, work, study)
         s2[~muscle] = 0
         return s2

@@ -197,6 +197,29 @@ def from_working(array: np.ndarray, work: DixonStudy, study: DixonStudy, order: 
     return resample(a, study.shape, order).astype(a.dtype, copy=False)
 
 
+def labels_from_probabilities(prob: np.ndarray, work: DixonStudy, study: DixonStudy) -> np.ndarray:
+    """Label map (uint8, the study's grid) from class probabilities (C, x, y, z) on the working grid.
+
+    Each class's probability is resampled linearly onto the study's grid and the most probable
+    class wins, which gives smoother borders than resampling labels by nearest neighbour when the
+    study's voxels are finer than the working grid. One class at a time: memory stays at two
+    study-sized arrays besides ``prob``.
+    """
+    p = np.asarray(prob)
+    if p.ndim != 4 or tuple(p.shape[1:]) != tuple(work.shape):
+        raise LegcompInputError(f"probabilities of shape {p.shape} do not match the working grid {work.shape}")
+    if tuple(work.shape) == tuple(study.shape):
+        return p.argmax(0).astype(np.uint8)
+    best = np.full(study.shape, -np.inf, np.float32)
+    labels = np.zeros(study.shape, np.uint8)
+    for c in range(p.shape[0]):
+        pc = resample(np.asarray(p[c], np.float32), study.shape, 1)
+        better = pc > best
+        best[better] = pc[better]
+        labels[better] = c
+    return labels
+
+
 # --------------------------------------------------------------------------- leg crops
 
 def leg_crop_box(stage1: np.ndarray, legs: np.ndarray, leg_id: int, spacing: Sequence[float],
@@ -226,12 +249,13 @@ def crop(array: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
 
 def paste(full: np.ndarray, part: np.ndarray, box: tuple[slice, slice, slice],
           where: np.ndarray | None = None) -> np.ndarray:
-    """Write ``part`` into ``full[..., box]`` in place (only where ``where`` is true); returns ``full``."""
+    """Write ``part`` into ``full[..., box]`` in place (only where the (x, y, z) mask ``where`` is true,
+    for every leading channel); returns ``full``."""
     region = full[(Ellipsis, *box)]
     if where is None:
         region[...] = part
     else:
-        region[where] = np.asarray(part)[where]
+        region[Ellipsis, where] = np.asarray(part)[Ellipsis, where]
     return full
 
 
