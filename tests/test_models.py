@@ -8,7 +8,7 @@ import torch
 
 from legcomp import anatomy
 from legcomp.errors import LegcompInputError
-from legcomp.io.study import make_study
+from legcomp.io.study import DixonStudy, make_study
 from legcomp.models import (build_network, count_parameters, load_weights, network_divisor, read_weights_meta,
                             resolve_config, save_weights)
 from legcomp.preprocessing import inputs as prep
@@ -179,10 +179,46 @@ def test_normalisation_keeps_water_fat_ratio():
     body = (s.water + s.fat) > 0
     ok = body & (x < prep.CLIP[1]).all(0) & (s.fat > 1)
     np.testing.assert_allclose(x[0][ok] / x[1][ok], s.water[ok] / s.fat[ok], rtol=1e-4)
-    assert 0.5 < np.percentile((x[0] + x[1])[body], 50) < 1.0
+    xp = prep.stage1_input(s, method="in_phase_percentile")
+    assert 0.5 < np.percentile((xp[0] + xp[1])[body], 50) < 1.0
     # same scale whatever the scanner's gain
     s2 = make_study({"water": (s.water * 7, s.affine, "w"), "fat": (s.fat * 7, s.affine, "f")})
     np.testing.assert_allclose(prep.stage1_input(s2), x, rtol=1e-5, atol=1e-6)
+
+
+def _fat_and_muscle(hot: float = 1.0) -> DixonStudy:
+    """Muscle (W 600, F 30) inside a fat ring (W 40, F 800); the front 20 % of the muscle x ``hot``."""
+    w = np.zeros((40, 40, 4), np.float32)
+    f = np.zeros_like(w)
+    xx, yy = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+    r = np.hypot(xx - 20, yy - 20)[..., None].repeat(4, 2)
+    w[r < 18], f[r < 18] = 40, 800
+    w[r < 12], f[r < 12] = 600, 30
+    w[(r < 12) & (yy[..., None] > 26)] *= hot  # a coil hot spot over muscle
+    return make_study({"water": (w, np.eye(4), "w"), "fat": (f, np.eye(4), "f")})
+
+
+def test_fat_reference_normalisation():
+    s = _fat_and_muscle()
+    assert prep.intensity_scale(s) == pytest.approx(prep.FAT_REFERENCE_FACTOR * 800)
+    assert prep.intensity_scale(s, "in_phase_percentile") == pytest.approx(840)
+    # a hot spot over muscle moves the in-phase percentile, not the fat reference
+    hot = _fat_and_muscle(hot=3.0)
+    assert prep.intensity_scale(hot) == pytest.approx(prep.intensity_scale(s))
+    assert prep.intensity_scale(hot, "in_phase_percentile") > 1.5 * prep.intensity_scale(s, "in_phase_percentile")
+    # too few pure-fat voxels: falls back to the in-phase percentile
+    lean = make_study({"water": (np.where(s.water == 600, 600, 0).astype(np.float32), s.affine, "w"),
+                       "fat": (np.where(s.water == 600, 30, 0).astype(np.float32), s.affine, "f")})
+    assert prep.intensity_scale(lean) == pytest.approx(prep.intensity_scale(lean, "in_phase_percentile"))
+    with pytest.raises(LegcompInputError, match="unknown normalisation"):
+        prep.intensity_scale(s, "zscore")
+
+
+def test_weights_record_their_normalisation():
+    assert prep.normalisation_of({}) == "in_phase_percentile"  # weights from before the choice
+    assert prep.normalisation_of({"normalisation": prep.normalisation_spec("fat_reference")}) == "fat_reference"
+    with pytest.raises(LegcompInputError):
+        prep.normalisation_of({"normalisation": {"method": "zscore"}})
 
 
 def test_stage2_input_channels():

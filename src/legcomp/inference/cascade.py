@@ -136,7 +136,7 @@ class Cascade:
         ``work``: the study already resampled to this network's working grid (saves redoing it).
         """
         work = work if work is not None else prep.to_working(study, self.stage1.meta)
-        prob = self.stage1.probabilities(prep.stage1_input(work))
+        prob = self.stage1.probabilities(prep.stage1_input(work, method=prep.normalisation_of(self.stage1.meta)))
         return prep.labels_from_probabilities(prob, work, study)
 
     def _leg_probabilities(self, crop: np.ndarray, mirror: bool) -> np.ndarray:
@@ -159,7 +159,8 @@ class Cascade:
         work = work if work is not None else prep.to_working(study, self.stage2.meta)
         s1_work = prep.labels_to_working(stage1, study, work)
         legs_work = prep.labels_to_working(legs, study, work)
-        image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None)
+        image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None,
+                                  method=prep.normalisation_of(self.stage2.meta))
         full = np.zeros((int(self.stage2.meta["n_classes"]), *work.shape), np.float32)
         full[0] = 1.0  # background wherever no leg's muscle is pasted
         leg_ids = [int(v) for v in np.unique(legs_work[legs_work > 0])]

@@ -1,8 +1,10 @@
 """Network inputs: the single definition shared by training and inference.
 
-* Intensity normalisation: every Dixon contrast of a study is divided by one robust scale, the
-  99th percentile of the in-phase signal (W+F) inside the body, and clipped to [0, 2]. One
-  scale for all channels keeps the water/fat ratio (the fat fraction) intact.
+* Intensity normalisation: every Dixon contrast of a study is divided by one robust scale and
+  clipped to [0, 2]: by default a multiple of the median fat signal of the body's pure-fat voxels
+  (``fat_reference``), or the 99th percentile of the in-phase signal W+F inside the body
+  (``in_phase_percentile``, weights before 0.2). One scale for all channels keeps the water/fat
+  ratio (the fat fraction) intact; weights record which normalisation they were trained with.
 * Stage 1 input: ``[water, fat]``; stage 2 input: ``[opposed_phase, water]`` (+ optionally the
   stage-1 whole-muscle mask as a third channel).
 * Working grid: networks see a fixed in-plane voxel size (``WORKING_SPACING``, mm; the slice
@@ -37,9 +39,44 @@ SPACING_TOLERANCE = 0.1
 NORM_PERCENTILE = 99.0
 BODY_FRACTION = 0.1
 CLIP = (0.0, 2.0)
-NORMALISATION: dict = {"method": "in_phase_percentile", "percentile": NORM_PERCENTILE,
-                       "body_fraction": BODY_FRACTION, "clip": list(CLIP)}
-"""Description of the normalisation, stored in weights metadata."""
+FAT_REFERENCE_FF = 0.75
+"""Fat fraction F/(W+F) above which a body voxel counts as (nearly) pure fat for ``fat_reference``."""
+FAT_REFERENCE_FACTOR = 1.4
+"""``fat_reference`` scale = this x the median fat signal of pure-fat voxels (on the training phantoms
+the 99th percentile of W+F sits at 1.18-1.90 x, median 1.37 x, that median)."""
+
+NORMALISATIONS: tuple[str, ...] = ("fat_reference", "in_phase_percentile")
+"""Intensity normalisations; the first is the default for new weights. Weights record theirs
+(metadata ``normalisation.method``); weights without one used ``in_phase_percentile``."""
+
+
+def check_normalisation(method: str) -> str:
+    """``method`` if it is a known normalisation, else a one-line input error."""
+    if method not in NORMALISATIONS:
+        raise LegcompInputError(f"unknown normalisation {method!r}; expected one of {', '.join(NORMALISATIONS)}")
+    return method
+
+
+def normalisation_spec(method: str = NORMALISATIONS[0]) -> dict:
+    """Description of a normalisation (JSON-able), stored in weights metadata."""
+    method = check_normalisation(method)
+    spec = {"method": method, "body_fraction": BODY_FRACTION, "clip": list(CLIP)}
+    if method == "in_phase_percentile":
+        spec["percentile"] = NORM_PERCENTILE
+    else:
+        spec.update(fat_fraction_above=FAT_REFERENCE_FF, factor=FAT_REFERENCE_FACTOR)
+    return spec
+
+
+NORMALISATION: dict = normalisation_spec()
+"""The default normalisation's description."""
+
+
+def normalisation_of(meta: Mapping) -> str:
+    """The normalisation method recorded in weights metadata (``in_phase_percentile`` when absent)."""
+    spec = meta.get("normalisation") or {}
+    return check_normalisation(str(spec.get("method", "in_phase_percentile")))
+
 
 LEG_MARGIN_MM = 15.0
 """Default in-plane margin (mm) around a leg's whole muscle for stage-2 crops."""
@@ -53,12 +90,27 @@ def body_mask(study: DixonStudy) -> np.ndarray:
     return ip > BODY_FRACTION * float(np.percentile(ip, 99.9))
 
 
-def intensity_scale(study: DixonStudy) -> float:
-    """Robust signal scale: the ``NORM_PERCENTILE`` percentile of W+F inside the body (> 0)."""
+def intensity_scale(study: DixonStudy, method: str = NORMALISATIONS[0]) -> float:
+    """Robust signal scale (> 0) that every contrast of the study is divided by.
+
+    * ``fat_reference`` (default): :data:`FAT_REFERENCE_FACTOR` x the median fat signal of the body's
+      pure-fat voxels (F/(W+F) > :data:`FAT_REFERENCE_FF`: subcutaneous fat, marrow, fat-replaced
+      muscle). Adipose tissue is an internal reference that coil hot spots and bright vessels do not
+      move, as in fat-referenced Dixon quantification. Falls back to ``in_phase_percentile`` when the
+      body holds fewer than 100 such voxels.
+    * ``in_phase_percentile``: the :data:`NORM_PERCENTILE` percentile of W+F inside the body.
+    """
+    method = check_normalisation(method)
     ip = study.water + study.fat
     body = body_mask(study)
-    vals = ip[body] if body.any() else ip.ravel()
-    scale = float(np.percentile(vals, NORM_PERCENTILE))
+    scale = 0.0
+    if method == "fat_reference":
+        pure_fat = body & (study.fat > FAT_REFERENCE_FF * ip)
+        if pure_fat.sum() >= 100:
+            scale = FAT_REFERENCE_FACTOR * float(np.median(study.fat[pure_fat]))
+    if not np.isfinite(scale) or scale <= 0:
+        vals = ip[body] if body.any() else ip.ravel()
+        scale = float(np.percentile(vals, NORM_PERCENTILE))
     if not np.isfinite(scale) or scale <= 0:
         scale = float(np.abs(ip).max())
     if scale <= 0:
@@ -70,19 +122,24 @@ def _norm(a: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.asarray(a, np.float32) / np.float32(scale), *CLIP).astype(np.float32, copy=False)
 
 
-def stage1_input(study: DixonStudy, scale: float | None = None) -> np.ndarray:
-    """Stage-1 network input: float32 (2, x, y, z) = [water, fat] / scale, clipped to [0, 2]."""
-    s = intensity_scale(study) if scale is None else float(scale)
+def stage1_input(study: DixonStudy, scale: float | None = None, method: str = NORMALISATIONS[0]) -> np.ndarray:
+    """Stage-1 network input: float32 (2, x, y, z) = [water, fat] / scale, clipped to [0, 2].
+
+    ``scale`` defaults to :func:`intensity_scale` by ``method``.
+    """
+    s = intensity_scale(study, method) if scale is None else float(scale)
     return np.stack([_norm(study.water, s), _norm(study.fat, s)])
 
 
-def stage2_input(study: DixonStudy, stage1_mask: np.ndarray | None = None, scale: float | None = None) -> np.ndarray:
+def stage2_input(study: DixonStudy, stage1_mask: np.ndarray | None = None, scale: float | None = None,
+                 method: str = NORMALISATIONS[0]) -> np.ndarray:
     """Stage-2 network input: float32 (C, x, y, z) = [opposed_phase, water] / scale.
 
     With ``stage1_mask`` (a stage-1 label map on the same grid) a third channel holds the
-    whole-muscle mask (1.0 inside, 0.0 outside).
+    whole-muscle mask (1.0 inside, 0.0 outside). ``scale`` defaults to :func:`intensity_scale` by
+    ``method``.
     """
-    s = intensity_scale(study) if scale is None else float(scale)
+    s = intensity_scale(study, method) if scale is None else float(scale)
     chans = [_norm(study.opposed_phase, s), _norm(study.water, s)]
     if stage1_mask is not None:
         m = np.asarray(stage1_mask)
@@ -93,12 +150,13 @@ def stage2_input(study: DixonStudy, stage1_mask: np.ndarray | None = None, scale
     return np.stack(chans)
 
 
-def network_input(study: DixonStudy, stage: int, stage1_mask: np.ndarray | None = None) -> np.ndarray:
+def network_input(study: DixonStudy, stage: int, stage1_mask: np.ndarray | None = None,
+                  method: str = NORMALISATIONS[0]) -> np.ndarray:
     """:func:`stage1_input` or :func:`stage2_input` by stage number."""
     if int(stage) == 1:
-        return stage1_input(study)
+        return stage1_input(study, method=method)
     if int(stage) == 2:
-        return stage2_input(study, stage1_mask)
+        return stage2_input(study, stage1_mask, method=method)
     raise LegcompInputError(f"unknown stage {stage!r}; expected 1 or 2")
 
 

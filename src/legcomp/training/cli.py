@@ -44,6 +44,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--normalisation", choices=("fat_reference", "in_phase_percentile"), default="fat_reference",
+                   help="input intensity normalisation (default fat_reference; recorded in the weights)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from these weights (same region/stage/config), e.g. to fine-tune the bundled ones")
     return p
@@ -66,7 +68,7 @@ def train_from_args(args: argparse.Namespace) -> dict:
                  resume=args.resume, patience=args.patience, val_interval=args.val_interval,
                  max_cases=args.max_cases, workers=args.workers, with_stage1=args.with_stage1,
                  working_spacing=ws, augment=args.augment, time_limit_min=args.time_limit, progress=args.progress,
-                 init_weights=args.init)
+                 init_weights=args.init, normalisation=args.normalisation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,8 +68,9 @@ def _leg_map(study: DixonStudy) -> np.ndarray:
 
 
 def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, with_stage1: bool = False,
-                margin_mm: float = prep.LEG_MARGIN_MM) -> list[dict]:
-    """Network-ready cases of one labelled study (see module doc)."""
+                margin_mm: float = prep.LEG_MARGIN_MM, normalisation: str = prep.NORMALISATIONS[0]) -> list[dict]:
+    """Network-ready cases of one labelled study (see module doc); ``normalisation``: a method of
+    :data:`legcomp.preprocessing.inputs.NORMALISATIONS`."""
     need = ["stage1"] + (["stage2"] if stage == 2 else [])
     for key in need:
         if key not in study.labels:
@@ -81,11 +82,11 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
                                 f"has {n_cls - 1} structures", study.source or study.name)
     work = prep.to_working(study, spacing)
     if stage == 1:
-        return [{"image": prep.stage1_input(work), "label": work.labels["stage1"][None].astype(np.uint8),
+        return [{"image": prep.stage1_input(work, method=normalisation), "label": work.labels["stage1"][None].astype(np.uint8),
                  "name": study.name}]
     s1 = work.labels["stage1"]
     legs = _leg_map(work)
-    image = prep.stage2_input(work, s1 if with_stage1 else None)
+    image = prep.stage2_input(work, s1 if with_stage1 else None, method=normalisation)
     cases = []
     for leg_id in sorted(anatomy.LEGS):
         box = prep.leg_crop_box(s1, legs, leg_id, work.spacing, margin_mm)
@@ -102,14 +103,15 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
 
 
 def load_cases(paths: Sequence[Path], stage: int, region: str, *, spacing=None, with_stage1: bool = False,
-               progress: bool = False) -> list[dict]:
+               progress: bool = False, normalisation: str = prep.NORMALISATIONS[0]) -> list[dict]:
     """Read studies and turn them into cases (stage 2: one per leg)."""
     from tqdm.auto import tqdm
 
     out: list[dict] = []
     for p in tqdm(list(paths), desc="reading studies", disable=not progress, leave=False):
         study = read_study(p, region=region)
-        out.extend(study_cases(study, stage, region, spacing=spacing, with_stage1=with_stage1))
+        out.extend(study_cases(study, stage, region, spacing=spacing, with_stage1=with_stage1,
+                               normalisation=normalisation))
     return out
 
 

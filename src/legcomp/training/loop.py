@@ -158,7 +158,8 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
           with_stage1: bool = False, working_spacing: Sequence[float | None] | None = prep.WORKING_SPACING,
           augment: bool = True, time_limit_min: float | None = None, progress: bool = True,
           cases: tuple[list[dict], list[dict]] | None = None,
-          init_weights: str | Path | None = None) -> dict[str, Any]:
+          init_weights: str | Path | None = None,
+          normalisation: str = prep.NORMALISATIONS[0]) -> dict[str, Any]:
     """Train one network of the cascade and save its best weights.
 
     Args:
@@ -195,6 +196,8 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         cases: optional pre-built (train cases, validation cases), bypassing ``data_dir``.
         init_weights: start from this weights file (same region, stage and config) instead of a
             random initialisation, e.g. to continue training bundled weights (fine-tuning).
+        normalisation: input intensity normalisation (:data:`legcomp.preprocessing.inputs.NORMALISATIONS`),
+            recorded in the weights so inference uses the same.
     Returns:
         Summary dict: paths written, best epoch, best validation DSC per structure, timings.
     """
@@ -209,6 +212,7 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
     if loss not in ("dicece", "dicefocal"):
         raise LegcompInputError(f"unknown loss {loss!r}; expected dicece or dicefocal")
     with_stage1 = bool(with_stage1 and stage == 2)
+    normalisation = prep.check_normalisation(normalisation)
     cfg = resolve_config(config)
     divisor = network_divisor(cfg)
     n_classes = anatomy.n_classes(stage, region)
@@ -245,9 +249,10 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         split_info = {"train": [study_paths[i].name for i in tr_idx], "val": [study_paths[i].name for i in va_idx]}
         my_idx = tr_idx[rank::world] if distributed and len(tr_idx) >= world else tr_idx
         train_cases = D.load_cases([study_paths[i] for i in my_idx], stage, region, spacing=ws,
-                                   with_stage1=with_stage1, progress=progress and is_main)
+                                   with_stage1=with_stage1, progress=progress and is_main, normalisation=normalisation)
         val_cases = (D.load_cases([study_paths[i] for i in va_idx], stage, region, spacing=ws,
-                                  with_stage1=with_stage1, progress=progress and is_main) if is_main else [])
+                                  with_stage1=with_stage1, progress=progress and is_main,
+                                  normalisation=normalisation) if is_main else [])
     else:
         train_cases, val_cases = list(cases[0]), list(cases[1]) if is_main else []
         if distributed and len(train_cases) >= world:
@@ -307,7 +312,7 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
                 prog = max(prog, elapsed() / (60.0 * time_limit_min))
             return max(0.0, 1.0 - min(prog, 1.0)) ** 0.9
         run_id = {"stage": stage, "region": region, "folds": folds, "fold": fold, "seed": seed,
-                  "config": cfg, "in_channels": in_channels}
+                  "config": cfg, "in_channels": in_channels, "normalisation": normalisation}
         if init_weights and not (resume and paths["checkpoint"].is_file()):
             from legcomp.models import load_weights
 
@@ -338,7 +343,7 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
             net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
         meta_common = dict(patch_size=list(patch_sz), working_spacing=list(ws), with_stage1=with_stage1,
-                           normalisation=prep.NORMALISATION, training={
+                           normalisation=prep.normalisation_spec(normalisation), training={
                                "epochs": epochs, "iters_per_epoch": iters_per_epoch, "batch": batch, "lr": lr,
                                "loss": loss, "seed": seed, "folds": folds, "fold": fold, "world_size": world,
                                "n_train_cases": len(train_cases) * (world if distributed else 1),
