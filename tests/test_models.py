@@ -215,10 +215,14 @@ def test_fat_reference_normalisation():
 
 
 def test_weights_record_their_normalisation():
-    assert prep.normalisation_of({}) == "in_phase_percentile"  # weights from before the choice
-    assert prep.normalisation_of({"normalisation": prep.normalisation_spec("fat_reference")}) == "fat_reference"
+    assert prep.normalisation_of({})["method"] == "in_phase_percentile"  # weights from before the choice
+    assert prep.normalisation_of({"normalisation": prep.normalisation_spec()})["method"] == "fat_reference"
     with pytest.raises(LegcompInputError):
         prep.normalisation_of({"normalisation": {"method": "zscore"}})
+    # a recorded spec's own parameters are used, not this version's constants
+    s = _fat_and_muscle()
+    recorded = {**prep.normalisation_spec("fat_reference"), "factor": 2.0}
+    assert prep.intensity_scale(s, prep.normalisation_of({"normalisation": recorded})) == pytest.approx(1600)
 
 
 def test_stage2_input_channels():

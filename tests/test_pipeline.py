@@ -78,6 +78,28 @@ def test_cascade_is_deterministic_and_consistent(thigh_case, tiny_weights):
     assert a2.max() <= len(anatomy.THIGH_MUSCLES)
 
 
+def test_cascade_uses_the_normalisation_its_weights_record(tmp_path, thigh_case, tiny_weights, monkeypatch):
+    from legcomp.preprocessing import inputs as prep
+
+    study = read_study(thigh_case)
+    seen = []
+    real_scale = prep.intensity_scale
+    monkeypatch.setattr(prep, "intensity_scale", lambda st, method="fat_reference": seen.append(
+        method if isinstance(method, str) else method["method"]) or real_scale(st, method))
+    Cascade.load("thigh", tiny_weights, "cpu").predict(study)  # weights recording no method: the old one
+    assert seen == ["in_phase_percentile"] * 2
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    for stage in (1, 2):
+        model = build_network("tiny", 2, anatomy.n_classes(stage, "thigh"))
+        save_weights(wdir / f"thigh_stage{stage}.pt", model, config="tiny", region="thigh", stage=stage,
+                     patch_size=[32, 32, 8], working_spacing=[None, None, None],
+                     normalisation=prep.normalisation_spec("fat_reference"))
+    seen.clear()
+    Cascade.load("thigh", wdir, "cpu").predict(study)
+    assert seen == ["fat_reference"] * 2
+
+
 def test_cohort_goes_on_past_a_bad_study(tmp_path, thigh_case, tiny_weights):
     cohort = tmp_path / "cohort"
     write_phantom(generate("calf", 3, **TINY), cohort / "calf_00003")

@@ -13,6 +13,7 @@ from legcomp import anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.io import read_study
 from legcomp.models import build_network, load_weights
+from legcomp.preprocessing import inputs as prep
 from legcomp.training import build_transforms, fit_patch, kfold_split, study_cases, train
 from legcomp.training.cli import add_train_arguments
 from legcomp.training.toy import toy_arrays, write_toy_cohort
@@ -120,10 +121,22 @@ def test_train_end_to_end_and_resume(tmp_path):
     s2 = train(tmp_path / "data", epochs=3, **kw)
     assert s2["start_epoch"] == 2 and s2["epochs_run"] == 3 and s2["steps"] == 2
     assert len(list(csv.DictReader(open(out / "thigh_stage1.metrics.csv")))) == 3
-    # a checkpoint of another fold is refused
+    assert meta["normalisation"] == prep.normalisation_spec("fat_reference")  # the default, recorded
+    # a checkpoint of another fold, or of another normalisation, is refused
     with pytest.raises(LegcompInputError, match="another run"):
         train(tmp_path / "data", epochs=3, **{**kw, "fold": 0})
+    with pytest.raises(LegcompInputError, match="another run"):
+        train(tmp_path / "data", epochs=3, **kw, normalisation="in_phase_percentile")
     assert json.loads((out / "thigh_stage1.summary.json").read_text())["epochs_run"] == 3
+    # a checkpoint from before normalisations were recorded resumes as in_phase_percentile
+    ck_path = out / "thigh_stage1.checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=True)
+    old = json.loads(ck["run_json"])
+    del old["normalisation"]
+    ck["run_json"] = json.dumps(old)
+    torch.save(ck, ck_path)
+    s3 = train(tmp_path / "data", epochs=4, **kw, normalisation="in_phase_percentile")
+    assert s3["start_epoch"] == 3 and s3["epochs_run"] == 4
 
 
 def test_train_stage2_all_folds_with_stage1_channel(tmp_path):

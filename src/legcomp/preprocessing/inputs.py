@@ -10,8 +10,8 @@
 * Working grid: networks see a fixed in-plane voxel size (``WORKING_SPACING``, mm; the slice
   axis keeps its native spacing) so that scanners with different resolutions look alike.
   Images are resampled linearly, label maps by nearest neighbour; predictions go back to the
-  input grid with :func:`from_working`. The spacing used is stored in the weights' metadata
-  (``working_spacing``).
+  input grid with :func:`from_working` (label maps) or :func:`labels_from_probabilities` (class
+  probabilities, linearly). The spacing used is stored in the weights' metadata (``working_spacing``).
 * Leg crops: a box around one leg's stage-1 whole muscle (plus an in-plane margin in mm, full
   z extent); a left leg is mirrored along x so every crop looks like a right leg.
 
@@ -72,10 +72,12 @@ NORMALISATION: dict = normalisation_spec()
 """The default normalisation's description."""
 
 
-def normalisation_of(meta: Mapping) -> str:
-    """The normalisation method recorded in weights metadata (``in_phase_percentile`` when absent)."""
-    spec = meta.get("normalisation") or {}
-    return check_normalisation(str(spec.get("method", "in_phase_percentile")))
+def normalisation_of(meta: Mapping) -> dict:
+    """The normalisation recorded in weights metadata, with its parameters (weights without one
+    used ``in_phase_percentile``); pass it as ``method`` to :func:`intensity_scale`."""
+    spec = dict(meta.get("normalisation") or {})
+    method = check_normalisation(str(spec.get("method", "in_phase_percentile")))
+    return {**normalisation_spec(method), **spec, "method": method}
 
 
 LEG_MARGIN_MM = 15.0
@@ -90,27 +92,31 @@ def body_mask(study: DixonStudy) -> np.ndarray:
     return ip > BODY_FRACTION * float(np.percentile(ip, 99.9))
 
 
-def intensity_scale(study: DixonStudy, method: str = NORMALISATIONS[0]) -> float:
+def intensity_scale(study: DixonStudy, method: str | Mapping = NORMALISATIONS[0]) -> float:
     """Robust signal scale (> 0) that every contrast of the study is divided by.
 
-    * ``fat_reference`` (default): :data:`FAT_REFERENCE_FACTOR` x the median fat signal of the body's
-      pure-fat voxels (F/(W+F) > :data:`FAT_REFERENCE_FF`: subcutaneous fat, marrow, fat-replaced
-      muscle). Adipose tissue is an internal reference that coil hot spots and bright vessels do not
-      move, as in fat-referenced Dixon quantification. Falls back to ``in_phase_percentile`` when the
-      body holds fewer than 100 such voxels.
-    * ``in_phase_percentile``: the :data:`NORM_PERCENTILE` percentile of W+F inside the body.
+    ``method``: a name of :data:`NORMALISATIONS` (with this module's constants) or a recorded spec
+    (:func:`normalisation_of`, whose parameters are used):
+
+    * ``fat_reference`` (default): ``factor`` (:data:`FAT_REFERENCE_FACTOR`) x the median fat signal
+      of the body's pure-fat voxels (F/(W+F) > ``fat_fraction_above``: subcutaneous fat, marrow,
+      fat-replaced muscle). Adipose tissue is an internal reference that coil hot spots and bright
+      vessels do not move, as in fat-referenced Dixon quantification. Falls back to
+      ``in_phase_percentile`` when the body holds fewer than 100 such voxels. In a study whose
+      water and fat are swapped the reference is muscle water instead (about the same level).
+    * ``in_phase_percentile``: the ``percentile`` (:data:`NORM_PERCENTILE`) percentile of W+F inside the body.
     """
-    method = check_normalisation(method)
+    spec = normalisation_spec(method) if isinstance(method, str) else normalisation_of({"normalisation": method})
     ip = study.water + study.fat
     body = body_mask(study)
     scale = 0.0
-    if method == "fat_reference":
-        pure_fat = body & (study.fat > FAT_REFERENCE_FF * ip)
+    if spec["method"] == "fat_reference":
+        pure_fat = body & (study.fat > float(spec["fat_fraction_above"]) * ip)
         if pure_fat.sum() >= 100:
-            scale = FAT_REFERENCE_FACTOR * float(np.median(study.fat[pure_fat]))
+            scale = float(spec["factor"]) * float(np.median(study.fat[pure_fat]))
     if not np.isfinite(scale) or scale <= 0:
         vals = ip[body] if body.any() else ip.ravel()
-        scale = float(np.percentile(vals, NORM_PERCENTILE))
+        scale = float(np.percentile(vals, float(spec.get("percentile", NORM_PERCENTILE))))
     if not np.isfinite(scale) or scale <= 0:
         scale = float(np.abs(ip).max())
     if scale <= 0:
@@ -122,7 +128,8 @@ def _norm(a: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.asarray(a, np.float32) / np.float32(scale), *CLIP).astype(np.float32, copy=False)
 
 
-def stage1_input(study: DixonStudy, scale: float | None = None, method: str = NORMALISATIONS[0]) -> np.ndarray:
+def stage1_input(study: DixonStudy, scale: float | None = None,
+                 method: str | Mapping = NORMALISATIONS[0]) -> np.ndarray:
     """Stage-1 network input: float32 (2, x, y, z) = [water, fat] / scale, clipped to [0, 2].
 
     ``scale`` defaults to :func:`intensity_scale` by ``method``.
@@ -132,7 +139,7 @@ def stage1_input(study: DixonStudy, scale: float | None = None, method: str = NO
 
 
 def stage2_input(study: DixonStudy, stage1_mask: np.ndarray | None = None, scale: float | None = None,
-                 method: str = NORMALISATIONS[0]) -> np.ndarray:
+                 method: str | Mapping = NORMALISATIONS[0]) -> np.ndarray:
     """Stage-2 network input: float32 (C, x, y, z) = [opposed_phase, water] / scale.
 
     With ``stage1_mask`` (a stage-1 label map on the same grid) a third channel holds the
@@ -151,7 +158,7 @@ def stage2_input(study: DixonStudy, stage1_mask: np.ndarray | None = None, scale
 
 
 def network_input(study: DixonStudy, stage: int, stage1_mask: np.ndarray | None = None,
-                  method: str = NORMALISATIONS[0]) -> np.ndarray:
+                  method: str | Mapping = NORMALISATIONS[0]) -> np.ndarray:
     """:func:`stage1_input` or :func:`stage2_input` by stage number."""
     if int(stage) == 1:
         return stage1_input(study, method=method)

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from legcomp.errors import LegcompInputError
+from legcomp.preprocessing import inputs as prep
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--normalisation", choices=("fat_reference", "in_phase_percentile"), default="fat_reference",
+    p.add_argument("--normalisation", choices=prep.NORMALISATIONS, default=prep.NORMALISATIONS[0],
                    help="input intensity normalisation (default fat_reference; recorded in the weights)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from these weights (same region/stage/config), e.g. to fine-tune the bundled ones")

@@ -322,11 +322,15 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
             model.load_state_dict(init_model.state_dict())
             if is_main:
                 log.info("initialised from %s", init_weights)
+                if prep.normalisation_of(init_meta)["method"] != normalisation:
+                    log.info("the initial weights were trained with the %s normalisation; fine-tuning with %s",
+                             prep.normalisation_of(init_meta)["method"], normalisation)
         if resume and paths["checkpoint"].is_file():
             ck = torch.load(paths["checkpoint"], map_location="cpu", weights_only=True)
-            if json.loads(ck["run_json"]) != json.loads(json.dumps(run_id)):
-                raise LegcompInputError("checkpoint belongs to another run (stage/region/fold/seed/config); "
-                                        "use another --out or --no-resume", paths["checkpoint"])
+            saved_run = {"normalisation": "in_phase_percentile", **json.loads(ck["run_json"])}  # older checkpoints
+            if saved_run != json.loads(json.dumps(run_id)):
+                raise LegcompInputError("checkpoint belongs to another run (stage/region/fold/seed/config/"
+                                        "normalisation); use another --out or --no-resume", paths["checkpoint"])
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             st = json.loads(ck["state_json"])
