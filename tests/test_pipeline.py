@@ -100,6 +100,33 @@ def test_cascade_uses_the_normalisation_its_weights_record(tmp_path, thigh_case,
     assert seen == ["fat_reference"] * 2
 
 
+def test_stage2_mirrors_left_leg_probabilities(thigh_case, tiny_weights):
+    """A stub stage-2 network that calls the low-x half of every crop muscle 1 and the rest muscle 2:
+    the left leg's crop is mirrored in and its probabilities mirrored back."""
+    from legcomp.inference.cascade import Network
+    from legcomp.preprocessing.legs import leg_map
+
+    class HalfAndHalf(Network):
+        def probabilities(self, image, progress=False):
+            n = int(self.meta["n_classes"])
+            prob = np.zeros((n, *image.shape[1:]), np.float32)
+            half = image.shape[1] // 2
+            prob[1, :half], prob[2, half:] = 1.0, 1.0
+            return prob
+
+    study = read_study(thigh_case)
+    cascade = Cascade.load("thigh", tiny_weights, "cpu")
+    cascade.stage2 = HalfAndHalf(cascade.stage2.model, cascade.stage2.meta, cascade.stage2.device)
+    s1 = study.labels["stage1"]
+    s2 = cascade.predict_stage2(study, s1)
+    assert set(np.unique(s2)) == {0, 1, 2} and not s2[s1 != anatomy.WHOLE_MUSCLE.id].any()
+    legs = leg_map(s1 > 0, study.affine)
+    for leg_id, leg in anatomy.LEGS.items():
+        xs = {k: np.argwhere((s2 == k) & (legs == leg_id))[:, 0].mean() for k in (1, 2)}
+        # the right leg's crop goes in as it is (muscle 1 at low x), the left leg's mirrored (at high x)
+        assert (xs[1] < xs[2]) == (leg == "right"), leg
+
+
 def test_cohort_goes_on_past_a_bad_study(tmp_path, thigh_case, tiny_weights):
     cohort = tmp_path / "cohort"
     write_phantom(generate("calf", 3, **TINY), cohort / "calf_00003")
