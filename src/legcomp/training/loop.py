@@ -322,9 +322,10 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
             model.load_state_dict(init_model.state_dict())
             if is_main:
                 log.info("initialised from %s", init_weights)
-                if prep.normalisation_of(init_meta)["method"] != normalisation:
+                init_norm = prep.normalisation_of(init_meta)["method"]
+                if init_norm != normalisation:
                     log.info("the initial weights were trained with the %s normalisation; fine-tuning with %s",
-                             prep.normalisation_of(init_meta)["method"], normalisation)
+                             init_norm, normalisation)
         if resume and paths["checkpoint"].is_file():
             ck = torch.load(paths["checkpoint"], map_location="cpu", weights_only=True)
             saved_run = {"normalisation": "in_phase_percentile", **json.loads(ck["run_json"])}  # older checkpoints
