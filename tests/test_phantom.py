@@ -194,6 +194,32 @@ def test_swap_and_randomize():
     assert (r1.stage1[r1.stage2 > 0] == anatomy.WHOLE_MUSCLE.id).all()
 
 
+def test_replaced_muscle_pd_goes_to_adipose():
+    from legcomp.phantom.signal import FF_MAX, TissueParams, replaced_pd_factor
+
+    ff = np.array([0.04, 0.04 + (FF_MAX - 0.04) / 2, FF_MAX, 0.01], np.float32)
+    base = np.full(4, 0.04, np.float32)
+    np.testing.assert_array_equal(replaced_pd_factor(ff, base, TissueParams()), 1.0)  # default phantom unchanged
+    f = replaced_pd_factor(ff, base, TissueParams(replaced_pd=1.4))
+    np.testing.assert_allclose(f, [1.0, 1.2, 1.4, 1.0], atol=1e-6)  # healthy 1, half-replaced 1.2, full 1.4
+
+
+def test_muscle_size_spread():
+    from legcomp.phantom.shapes import REGION_SPECS, sample_subject
+
+    template = np.stack([np.asarray(s.weight) for s in REGION_SPECS["thigh"].seeds])
+
+    def spread(sd):
+        legs = sample_subject("thigh", np.random.default_rng(5), size_sd=sd)
+        live = template.min(axis=1) > 0  # seeds present along the whole leg
+        return float(np.std(np.log(legs[0].seed_weight[live] / template[live]).mean(axis=1)))
+
+    assert spread(0.35) > 2 * spread(0.12) > 0
+    r = generate("thigh", 2, randomize=True, randomize_grid=False, matrix=(48, 32, 6), spacing=(9.0, 9.0, 9.0))
+    assert 0.12 <= r.options["size_sd"] <= 0.35
+    assert generate("thigh", 2, matrix=(48, 32, 6), spacing=(9.0, 9.0, 9.0)).options["size_sd"] == 0.12
+
+
 def test_bad_options():
     with pytest.raises(LegcompInputError):
         generate("arm", 1)

@@ -138,7 +138,7 @@ def _randomize_options(rng: np.random.Generator, region: str, nlegs: int, opts: 
     """Draw SynthSeg-style random acquisition and subject options (in place of the given ones)."""
     o = dict(opts)
     o["infiltration"] = float(rng.choice([0.0, rng.uniform(0, 0.3), rng.uniform(0.2, 0.7), rng.uniform(0.6, 1.0)],
-                                         p=[0.15, 0.35, 0.3, 0.2]))
+                                         p=[0.1, 0.3, 0.3, 0.3]))
     o["adiposity"] = float(rng.beta(1.6, 1.6))
     o["snr"] = float(np.exp(rng.uniform(np.log(8), np.log(80))))
     o["bias"] = float(rng.uniform(0.0, 0.7))
@@ -161,6 +161,7 @@ def _randomize_options(rng: np.random.Generator, region: str, nlegs: int, opts: 
         o["t_shift"] = float(rng.uniform(-0.15, 0.15))
         if dz > 8.0 and rng.random() < 0.5:  # thin slices with gaps
             o["slice_thickness"] = float(rng.uniform(3.0, min(10.0, dz)))
+    o["size_sd"] = float(rng.uniform(0.12, 0.35))
     return o
 
 
@@ -192,7 +193,8 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
         supersample: sub-voxels per axis (>= 3 for true partial volume; z additionally at <= 2.5 mm).
         randomize: domain randomisation for training: random tissue contrast, bias, noise, blur, and
             (with ``randomize_grid``) random spacing / matrix / FOV coverage; subject options
-            (infiltration, adiposity, separation) are drawn too. Labels stay exact.
+            (infiltration, adiposity, separation, per-muscle size spread) are drawn too, and
+            fat-replaced muscle takes a PD between muscle's and adipose tissue's. Labels stay exact.
         randomize_grid: with ``randomize``, also draw spacing and matrix (else keep the given ones).
         slice_thickness: slice thickness (mm) when thinner than the slice spacing (gaps between
             slices, as in many thigh protocols); None = contiguous slices. Truth volumes are then
@@ -218,7 +220,7 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
                 adiposity=float(adiposity), snr=float(snr), bias=float(bias), swap=bool(swap),
                 supersample=int(supersample), randomize=bool(randomize), blur=0.0, separation=None,
                 mask_background=False, t_shift=0.0, slice_thickness=slice_thickness, offset=(0.0, 0.0),
-                ghost=0.0, ringing=0.0)
+                ghost=0.0, ringing=0.0, size_sd=0.12)
     if randomize:
         opts = _randomize_options(rng_rand, region, nlegs, opts, randomize_grid)
     spacing = tuple(float(s) for s in opts["spacing"])
@@ -241,7 +243,7 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
     leg_models = shapes.sample_subject(region, rng_geo, legs=legs, adiposity=opts["adiposity"],
                                        infiltration=opts["infiltration"], separation=opts["separation"],
                                        offset=tuple(opts["offset"]),
-                                       variability=1.0)
+                                       variability=1.0, size_sd=float(opts.get("size_sd", 0.12)))
     for lm in leg_models:
         lm.t_centre += opts.get("t_shift", 0.0)
     mfat = sig.sample_muscle_fat(region, rng_fat, opts["infiltration"], spec.susceptibility, bool(randomize))
@@ -299,6 +301,7 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
                 cm = code[mus]
                 ff[mus] = sig.muscle_ff(cm, n1[mus], n2[mus], n3[mus], gap[mus], mfat)
                 pd[mus] *= 1.0 + texture * n2[mus]
+                pd[mus] *= sig.replaced_pd_factor(ff[mus], mfat.base[cm], tp)
                 sat = is_sat[code]
                 if sat.any():  # fibrous septa of the subcutaneous fat: thin lines of low PD / FF
                     line = sig.septa_lines(n1[sat], n3[sat], tp.sat_septa)

@@ -293,10 +293,11 @@ def muscle_code(name: str, region: str) -> int:
 
 def sample_subject(region: str, rng: np.random.Generator, *, legs: str = "both", adiposity: float = 0.5,
                    infiltration: float = 0.3, separation: float | None = None, offset: tuple = (0.0, 0.0),
-                   variability: float = 1.0) -> list[LegModel]:
+                   variability: float = 1.0, size_sd: float = 0.12) -> list[LegModel]:
     """Draw one subject's legs (shared subject traits plus per-leg asymmetry).
 
     ``variability`` scales all random deviations from the template (0 = the mean subject);
+    ``size_sd``: log-normal spread of each muscle's size weight (atrophy / hypertrophy of single muscles);
     ``separation``: skin-to-skin gap between the legs (mm); ``offset``: shift (x, y) of both legs (mm).
     """
     spec = REGION_SPECS[region]
@@ -309,7 +310,7 @@ def sample_subject(region: str, rng: np.random.Generator, *, legs: str = "both",
     sat_mean = spec.sat_base + spec.sat_gain * adiposity * (1.0 + v * rng.uniform(-0.25, 0.25))
     subj_shape = v * rng.normal(0, 1, (K, 5, 2))
     subj_seed_jit = v * rng.normal(0, 0.035, (len(spec.seeds), K, 2))
-    subj_seed_w = np.exp(v * rng.normal(0, 0.12, len(spec.seeds)))
+    subj_seed_w = np.exp(v * rng.normal(0, size_sd, len(spec.seeds)))
     subj_sat_shape = v * rng.normal(0, 1.0, (4, 2)) * np.array([0.10, 0.07, 0.035, 0.02])[:, None]
     flat = 0.82 + v * rng.uniform(-0.08, 0.1)
     septum = 0.3 + 0.4 * adiposity + 0.5 * infiltration + v * rng.uniform(0.0, 0.3)

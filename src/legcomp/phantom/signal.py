@@ -32,6 +32,7 @@ class TissueParams:
     texture: float = 0.04  # relative PD texture of muscle
     sat_septa: float = 0.5  # density 0..1 of fibrous septa in the SAT
     scale: float = 1000.0  # signal of healthy muscle water
+    replaced_pd: float | None = None  # PD of fully fat-replaced muscle (None = muscle PD; adipose is ~1.4)
 
 
 def random_tissue_params(rng: np.random.Generator) -> TissueParams:
@@ -58,6 +59,8 @@ def random_tissue_params(rng: np.random.Generator) -> TissueParams:
     p.texture = rng.uniform(0.0, 0.1)
     p.sat_septa = rng.uniform(0.0, 1.0)
     p.scale = float(np.exp(rng.uniform(np.log(80), np.log(4000))))
+    # fat-replaced muscle is adipose tissue: its PD goes from muscle's towards the adipose PD
+    p.replaced_pd = float(rng.uniform(1.0, max(1.0, p.pd[IMAT]))) if rng.random() < 0.7 else None
     return p
 
 
@@ -81,7 +84,7 @@ def sample_muscle_fat(region: str, rng: np.random.Generator, infiltration: float
     base_subj = rng.uniform(0.02, 0.06)
     sus = np.array([susceptibility[nm] for nm in names])
     sus = np.clip(sus * np.exp(rng.normal(0, 0.35 if randomize else 0.2, n)), 0.02, 1.0)
-    diffuse_share = rng.uniform(0.45, 0.85)
+    diffuse_share = rng.uniform(0.25, 0.85) if randomize else rng.uniform(0.45, 0.85)
     tabs = {k: np.zeros(N_CODES) for k in ("base", "diffuse", "frac", "alpha", "target")}
     for leg in (0, 1):
         base = np.clip(base_subj + rng.normal(0, 0.01, n), 0.02, 0.08)
@@ -153,6 +156,20 @@ def muscle_ff(codes: np.ndarray, n1: np.ndarray, n2: np.ndarray, n3: np.ndarray,
     streak = np.clip(np.float32(1) - np.abs(n3) / np.float32(0.08 + 0.12 * mf.streak), 0, 1) * np.float32(mf.streak)
     p = np.maximum(p, streak)
     return base + (np.float32(FF_MAX) - base) * p
+
+
+def replaced_pd_factor(ff: np.ndarray, base: np.ndarray, params: TissueParams) -> np.ndarray:
+    """PD factor (float32, shape of ``ff``) of muscle sub-voxels: 1 for healthy tissue (FF = ``base``),
+    ``replaced_pd / muscle_pd`` for fully fat-replaced tissue (FF = :data:`FF_MAX`), linear between.
+
+    Fat-replaced muscle is adipose tissue, whose PD is higher than muscle's; 1 everywhere when
+    ``params.replaced_pd`` is None (the default phantom).
+    """
+    if params.replaced_pd is None:
+        return np.ones_like(ff, dtype=np.float32)
+    b = np.asarray(base, np.float32)
+    rep = np.clip((ff - b) / (np.float32(FF_MAX) - b), 0, 1)
+    return (1.0 + np.float32(params.replaced_pd / params.muscle_pd - 1.0) * rep).astype(np.float32)
 
 
 def septa_lines(n1: np.ndarray, n3: np.ndarray, density: float) -> np.ndarray:
