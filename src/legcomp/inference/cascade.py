@@ -161,7 +161,9 @@ class Cascade:
         legs_work = prep.labels_to_working(legs, study, work)
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None,
                                   method=prep.normalisation_of(self.stage2.meta))
-        full = np.zeros((int(self.stage2.meta["n_classes"]), *work.shape), np.float32)
+        # float16 halves the largest array of a run (n_classes x the working grid); the resampling
+        # back to the study's grid works class by class in float32
+        full = np.zeros((int(self.stage2.meta["n_classes"]), *work.shape), np.float16)
         full[0] = 1.0  # background wherever no leg's muscle is pasted
         leg_ids = [int(v) for v in np.unique(legs_work[legs_work > 0])]
         for leg_id in leg_ids:
