@@ -204,6 +204,25 @@ def test_replaced_muscle_pd_goes_to_adipose():
     np.testing.assert_allclose(f, [1.0, 1.2, 1.4, 1.0], atol=1e-6)  # healthy 1, half-replaced 1.2, full 1.4
 
 
+def test_marbled_end_stage_keeps_muscle_strands():
+    from legcomp.phantom.shapes import N_CODES
+    from legcomp.phantom.signal import FF_MAX, MuscleFat, muscle_ff
+
+    tab = np.zeros(N_CODES)
+    code = 20
+    frac = tab.copy()
+    frac[code] = 1.0  # fully fat-replaced
+    base = tab.copy()
+    base[code] = 0.05
+    n3 = np.linspace(-2, 2, 401).astype(np.float32)
+    args = (np.full(n3.size, code), np.zeros_like(n3), np.zeros_like(n3), n3, np.full_like(n3, 50.0))
+    plain = muscle_ff(*args, MuscleFat(base=base, diffuse=tab, frac=frac, alpha=tab, target=tab))
+    marbled = muscle_ff(*args, MuscleFat(base=base, diffuse=tab, frac=frac, alpha=tab, target=tab, strands=0.8))
+    assert plain.min() > 0.9 * FF_MAX  # homogeneous fat without strands
+    strand = np.abs(np.abs(n3) - 0.9) < 0.05
+    assert marbled[strand].max() < 0.5 and np.allclose(marbled[np.abs(n3) < 0.5], plain[np.abs(n3) < 0.5])
+
+
 def test_muscle_size_spread():
     from legcomp.phantom.shapes import REGION_SPECS, sample_subject
 

@@ -74,6 +74,7 @@ class MuscleFat:
     alpha: np.ndarray  # mixing angle of the two noise fields (distinct pattern per muscle)
     target: np.ndarray  # designed mean FF (without streaks)
     streak: float = 0.3  # strength 0..1 of thin intramuscular fat streaks
+    strands: float = 0.0  # 0..1: residual muscle strands left in fat-replaced tissue (marbled end stage)
 
 
 def sample_muscle_fat(region: str, rng: np.random.Generator, infiltration: float,
@@ -100,7 +101,8 @@ def sample_muscle_fat(region: str, rng: np.random.Generator, infiltration: float
         tabs["alpha"][codes] = alpha
         tabs["target"][codes] = base + excess
     streak = float(np.clip(0.15 + 0.8 * infiltration * rng.uniform(0.5, 1.2), 0, 1))
-    return MuscleFat(**tabs, streak=streak)
+    strands = float(rng.uniform(0.3, 0.9)) if randomize and infiltration > 0.4 and rng.random() < 0.6 else 0.0
+    return MuscleFat(**tabs, streak=streak, strands=strands)
 
 
 class NoiseField:
@@ -155,6 +157,9 @@ def muscle_ff(codes: np.ndarray, n1: np.ndarray, n2: np.ndarray, n3: np.ndarray,
     # thin intramuscular fat streaks (perimysial septa) on the zero set of an independent field mix
     streak = np.clip(np.float32(1) - np.abs(n3) / np.float32(0.08 + 0.12 * mf.streak), 0, 1) * np.float32(mf.streak)
     p = np.maximum(p, streak)
+    if mf.strands > 0:  # residual muscle fibres along another level set of the same field (marbling)
+        strand = np.clip(np.float32(1) - (np.abs(np.abs(n3) - np.float32(0.9))) / np.float32(0.2), 0, 1)
+        p = p * (np.float32(1) - np.float32(mf.strands) * strand)
     return base + (np.float32(FF_MAX) - base) * p
 
 
