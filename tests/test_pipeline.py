@@ -160,6 +160,23 @@ def test_bad_weights_give_one_line_and_exit_2(tmp_path, thigh_case, tiny_weights
     assert main(["run", str(thigh_case), "--out", str(out), "--region", "knee", "--quiet"]) == 2
 
 
+def test_weights_folder_with_one_network_takes_the_other_bundled(tmp_path, tiny_weights):
+    from legcomp.inference.cascade import cascade_paths
+    from legcomp.errors import LegcompInputError
+
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    with pytest.raises(LegcompInputError, match="no weights for thigh stage 1"):
+        cascade_paths("thigh", wdir)  # neither network: a wrong folder, not a fallback
+    (wdir / "thigh_stage2.pt").write_bytes((tiny_weights / "thigh_stage2.pt").read_bytes())
+    paths = cascade_paths("thigh", wdir)
+    assert paths[2] == wdir / "thigh_stage2.pt" and paths[1] == default_weights_dir() / "thigh_stage1.pt"
+    cascade = Cascade.load("thigh", wdir, "cpu")
+    assert cascade.sources[1].endswith("thigh_stage1.pt") and str(wdir) in cascade.sources[2]
+    assert cascade.stage2.meta["config"] != cascade.stage1.meta["config"]  # tiny stage 2, bundled stage 1
+    assert cascade_paths("thigh", tiny_weights) == {s: tiny_weights / f"thigh_stage{s}.pt" for s in (1, 2)}
+
+
 @pytest.mark.skipif(not (REALDATA / "qmritools_calf").is_dir(), reason="../shared/realdata not present")
 @pytest.mark.skipif(not (default_weights_dir() / "calf_stage1.pt").is_file(), reason="bundled weights missing")
 def test_bundled_weights_on_real_calf(tmp_path):

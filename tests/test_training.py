@@ -150,6 +150,20 @@ def test_train_stage2_all_folds_with_stage1_channel(tmp_path):
     assert meta["channels"] == ["opposed_phase", "water", "stage1_muscle"]
 
 
+def test_init_bundled_starts_from_the_bundled_weights(tmp_path):
+    from legcomp.models import bundled_weights
+
+    write_toy_cohort(tmp_path / "data", 1, region="thigh", shape=(64, 32, 4))
+    s = train(tmp_path / "data", stage=2, region="thigh", out=tmp_path / "m", folds=1, config="fast", epochs=1,
+              iters_per_epoch=1, batch=1, patch=(32, 32, 4), working_spacing=None, progress=False, lr=0.0,
+              weight_decay=0.0, init_weights="bundled", augment=False)
+    assert s["n_train_cases"] == 2
+    tuned, meta = load_weights(tmp_path / "m" / "thigh_stage2.pt", region="thigh", stage=2)
+    bundled, _ = load_weights(bundled_weights("thigh", 2), region="thigh", stage=2)
+    for (k, a), b in zip(tuned.named_parameters(), bundled.parameters()):
+        assert torch.equal(a, b), k  # lr 0: exactly the bundled weights came out (norm statistics move)
+
+
 def test_bad_options(tmp_path):
     with pytest.raises(LegcompInputError, match="no studies"):
         train(tmp_path, stage=1, region="thigh", out=tmp_path / "o", progress=False)

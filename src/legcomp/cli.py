@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   legcomp info study_folder/                        what legcomp finds in a folder (NIfTI or DICOM)
   legcomp phantom --region thigh --n 3 --out ph/    synthetic Dixon legs with exact ground truth
   legcomp labels --region calf --json               the label table
+  legcomp prepare labelled/ --labels experts.nii.gz --region thigh --out train/
+                                                    your muscle labels -> studies for legcomp train
 """
 
 
@@ -123,6 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from legcomp.prepare import prepare_cohort
+    return prepare_cohort(args.input, args.out, labels=args.labels, region=args.region, mapping=args.mapping,
+                          weights=args.weights, device=args.device, progress=not args.quiet)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from legcomp.pipeline import run_cohort
     return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
@@ -203,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mapping", help="JSON file (or shipped name, e.g. huashan_thigh) mapping the truth's "
                     "foreign label ids to legcomp names")
     sp.add_argument("--region", help="thigh or calf (overrides the folder names)")
+
+    sp = add("prepare", cmd_prepare, "make training studies of expert muscle labels (ids mapped, stage-1 labels "
+             "filled in by the stage-1 network, unlabelled legs left out)")
+    sp.add_argument("input", help="study folder, or a folder of study folders, each holding its label file")
+    sp.add_argument("--labels", required=True, help="file name of the muscle label map inside each study folder")
+    sp.add_argument("--region", required=True, help="thigh or calf")
+    sp.add_argument("--out", required=True, help="output folder (one training study per input study)")
+    sp.add_argument("--mapping", help="JSON file (or shipped name, e.g. huashan_thigh) mapping the labels' ids "
+                    "to legcomp names")
+    sp.add_argument("--weights", help="folder of weights for the stage-1 network (default: bundled)")
+    sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add("train", cmd_train, "train one network of the cascade on labelled studies (k-fold)")
     from legcomp.training.cli import add_train_arguments

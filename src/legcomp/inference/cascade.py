@@ -13,7 +13,6 @@ All arrays are canonical (x, y, z) RAS+ as in :class:`legcomp.io.DixonStudy`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from monai.inferers import sliding_window_inference
 from legcomp import anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
-from legcomp.models import load_weights
+from legcomp.models import bundled_weights_dir, load_weights
 from legcomp.preprocessing import inputs as prep
 from legcomp.preprocessing.legs import leg_map, side_from_muscles
 
@@ -36,7 +35,7 @@ LEG_MARGIN_MM = prep.LEG_MARGIN_MM
 
 def default_weights_dir() -> Path:
     """Folder of the bundled phantom-trained weights (``<region>_stage<k>.pt``)."""
-    return Path(str(resources.files("legcomp") / "data" / "weights"))
+    return bundled_weights_dir()
 
 
 def weights_path(region: str, stage: int, weights_dir: str | Path | None = None) -> Path:
@@ -46,6 +45,18 @@ def weights_path(region: str, stage: int, weights_dir: str | Path | None = None)
     if not path.is_file():
         raise LegcompInputError(f"no weights for {region} stage {stage} (expected {path.name})", folder)
     return path
+
+
+def cascade_paths(region: str, weights_dir: str | Path | None = None) -> dict[int, Path]:
+    """Weights file per stage: from ``weights_dir``; a folder that holds only one of the region's two
+    networks (e.g. a fine-tuned stage 2) takes the other from the bundled weights."""
+    region = anatomy.check_region(region)
+    if not weights_dir:
+        return {s: weights_path(region, s) for s in (1, 2)}
+    have = {s: Path(weights_dir) / f"{region}_stage{s}.pt" for s in (1, 2)}
+    if not any(p.is_file() for p in have.values()):
+        weights_path(region, 1, weights_dir)  # raises: neither network in the folder
+    return {s: p if p.is_file() else weights_path(region, s) for s, p in have.items()}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -112,16 +123,17 @@ class Cascade:
 
     @classmethod
     def load(cls, region: str, weights_dir: str | Path | None = None, device: str = "auto") -> "Cascade":
-        """Load a region's two networks from a weights folder (default: the bundled weights)."""
+        """Load a region's two networks from a weights folder (default: the bundled weights; see
+        :func:`cascade_paths` for a folder with only one of them)."""
         region = anatomy.check_region(region)
         dev = resolve_device(device)
         nets = {}
-        for stage in (1, 2):
-            path = weights_path(region, stage, weights_dir)
+        paths = cascade_paths(region, weights_dir)
+        for stage, path in paths.items():
             model, meta = load_weights(path, region=region, stage=stage)
             model.to(dev).eval()
             nets[stage] = Network(model, meta, dev)
-        return cls(region, nets[1], nets[2], {s: str(weights_path(region, s, weights_dir)) for s in (1, 2)})
+        return cls(region, nets[1], nets[2], {s: str(p) for s, p in paths.items()})
 
     def predict(self, study: DixonStudy) -> tuple[np.ndarray, np.ndarray]:
         """Stage-1 and stage-2 label maps (uint8, canonical (x, y, z), the study's grid)."""

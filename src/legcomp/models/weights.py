@@ -12,6 +12,7 @@ object with at least: ``legcomp_version``, ``config`` (the resolved network conf
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ FORMAT_VERSION = 1
 
 DEFAULT_CHANNELS = {1: ["water", "fat"], 2: ["opposed_phase", "water"]}
 """Input contrasts of each stage's network, in channel order."""
+
+
+def bundled_weights_dir() -> Path:
+    """Folder of the bundled phantom-trained weights (``<region>_stage<k>.pt`` and provenance JSONs)."""
+    return Path(str(resources.files("legcomp") / "data" / "weights"))
+
+
+def bundled_weights(region: str, stage: int) -> Path:
+    """The bundled weights file of one network (``legcomp train --init bundled`` starts from it)."""
+    return bundled_weights_dir() / f"{anatomy.check_region(region)}_stage{int(stage)}.pt"
 
 
 def label_names(stage: int, region: str) -> list[str]:

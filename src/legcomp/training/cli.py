@@ -48,7 +48,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--normalisation", choices=prep.NORMALISATIONS, default=prep.NORMALISATIONS[0],
                    help="input intensity normalisation (default fat_reference; recorded in the weights)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
-                   help="start from these weights (same region/stage/config), e.g. to fine-tune the bundled ones")
+                   help="start from these weights (same region/stage/config); 'bundled' = the bundled ones of "
+                   "this region and stage, to fine-tune them on your labels")
     return p
 
 

@@ -194,7 +194,8 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
             stops after the epoch that crosses the budget.
         progress: tqdm progress bars (rank 0).
         cases: optional pre-built (train cases, validation cases), bypassing ``data_dir``.
-        init_weights: start from this weights file (same region, stage and config) instead of a
+        init_weights: start from this weights file (``"bundled"``: the bundled one of this region and
+            stage; same region, stage and config) instead of a
             random initialisation, e.g. to continue training bundled weights (fine-tuning).
         normalisation: input intensity normalisation (:data:`legcomp.preprocessing.inputs.NORMALISATIONS`),
             recorded in the weights so inference uses the same.
@@ -316,6 +317,9 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         if init_weights and not (resume and paths["checkpoint"].is_file()):
             from legcomp.models import load_weights
 
+            if str(init_weights) == "bundled":
+                from legcomp.models import bundled_weights
+                init_weights = bundled_weights(region, stage)
             init_model, init_meta = load_weights(init_weights, region=region, stage=stage)
             if resolve_config(init_meta["config"]) != cfg or int(init_meta["in_channels"]) != in_channels:
                 raise LegcompInputError("initial weights have another network config or input channels", init_weights)
