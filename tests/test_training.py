@@ -65,6 +65,30 @@ def test_transforms_give_patches():
     assert set(item) == {"image", "label"}
 
 
+def test_intensity_augmentation_stays_in_the_inference_range():
+    from monai.data import set_track_meta
+
+    arr = toy_arrays((20, 12, 5))
+    sig = np.stack([arr["water"], arr["fat"]]) / max(arr["water"].max(), arr["fat"].max()) * 2.0  # up to CLIP max
+    mask = (arr["stage1"] == anatomy.WHOLE_MUSCLE.id)[None].astype(np.float32)
+    case = {"image": np.concatenate([sig, mask]).astype(np.float32), "label": arr["stage2"][None]}
+    set_track_meta(False)
+    try:
+        det, rnd = build_transforms(2, anatomy.n_classes(2, "thigh"), (16, 16, 4))
+        rnd.set_random_state(seed=1)
+        d = det(case)
+        highs = []
+        for _ in range(40):
+            out = rnd(d)
+            img = (out[0] if isinstance(out, list) else out)["image"]
+            assert float(img[:2].min()) >= prep.CLIP[0] and float(img[:2].max()) <= prep.CLIP[1]
+            assert set(np.unique(np.asarray(img[2]))) <= {0.0, 1.0}  # the mask is not scaled or blurred
+            highs.append(float(img[:2].max()))
+    finally:
+        set_track_meta(True)
+    assert max(highs) == prep.CLIP[1]  # intensity scaling did push values up to the clip
+
+
 def test_study_cases_stage2_mirrors_left_leg(tmp_path):
     p = write_toy_cohort(tmp_path, 1)[0]
     study = read_study(p)

@@ -137,7 +137,8 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
     patch centred on a class chosen uniformly (so small muscles are seen as often as large ones),
     then augments: in-plane rotation/scaling, light elastic deformation, bias field, gamma,
     global and per-channel intensity scaling (domain transfer to real scans), Gaussian noise and smoothing,
-    and (stage 1 only) left-right flips.
+    then clipping back to the inference range (a stage-1 mask channel is left out of the intensity
+    part), and (stage 1 only) left-right flips.
     """
     import torch
     from monai import transforms as T
@@ -164,6 +165,9 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
                           mode=("bilinear", "nearest"), padding_mode="zeros", device=device),
             T.Rand3DElasticd(keys=keys, prob=elastic_prob, sigma_range=(6.0, 8.0), magnitude_range=(40.0, 80.0),
                              mode=("bilinear", "nearest"), padding_mode="zeros", device=device),
+            # intensity augmentation works on a copy; _back_in_range then clips the two signal
+            # channels to the inference range and restores a stage-1 mask channel untouched
+            T.CopyItemsd(keys="image", times=1, names="image_spatial"),
             T.RandBiasFieldd(keys="image", prob=0.15, coeff_range=(0.0, 0.2), degree=3),
             T.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
             # one factor for all channels (x0.55-1.6, the water/fat ratio kept): real scans' normalised
@@ -173,11 +177,28 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
             TorchGaussianNoised(keys="image", prob=0.2, std=0.03),
             T.RandGaussianSmoothd(keys="image", prob=0.15, sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0),
                                   sigma_z=(0.0, 0.3)),
+            T.Lambda(func=_back_in_range),
         ]
         if stage == 1:
             rnd.append(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=0))
     rnd.append(T.SelectItemsd(keys=keys))
     return det, T.Compose(rnd)
+
+
+def _back_in_range(d: dict) -> dict:
+    """After intensity augmentation: signal channels (the first two) clipped to
+    :data:`legcomp.preprocessing.inputs.CLIP`, as at inference; a stage-1 mask channel (the third)
+    taken from before the intensity augmentation and binarised (spatial transforms interpolate it)."""
+    import torch
+
+    d = dict(d)
+    img = torch.as_tensor(d["image"])
+    before = torch.as_tensor(d.pop("image_spatial"))
+    out = img.clamp(*prep.CLIP)
+    if img.shape[0] > 2:
+        out[2:] = (before[2:] > 0.5).to(img.dtype)
+    d["image"] = out
+    return d
 
 
 def _clone(x):
