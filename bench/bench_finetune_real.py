@@ -11,7 +11,7 @@ Prints DSC per mapped muscle on each held-out leg, bundled vs fine-tuned, and th
 what a lab with a few expert-labelled real legs can expect from ``legcomp train --init``; the
 fine-tuned weights are not shipped (they have seen the benchmark subject).
 
-    python bench/bench_finetune_real.py [--minutes 10] [--from-scratch] [--device auto] [--threads 0]
+    python bench/bench_finetune_real.py [--minutes 10] [--from-scratch] [--docs docs] [--device auto] [--threads 0]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--docs", default=None, help="write realdata_thigh_finetuned.png (each leg by the network "
+                    "fine-tuned on the other) into this folder")
     ap.add_argument("--from-scratch", action="store_true",
                     help="start from random weights instead of the bundled ones (what the phantom prior is worth)")
     a = ap.parse_args()
@@ -67,6 +69,7 @@ def main() -> None:
     norm = prep.normalisation_of(read_weights_meta(init)[0])["method"]
 
     results = {}
+    held_out = np.zeros(study.shape, np.uint8)  # each leg labelled by the network that never saw it
     with tempfile.TemporaryDirectory(prefix="legcomp-ft-") as tmp:
         for train_leg, test_leg in ((1, 2), (2, 1)):
             labelled, _ = prepare_study(study, ref, "thigh", bundled, legs=(train_leg,))  # as `legcomp prepare`
@@ -83,6 +86,7 @@ def main() -> None:
             tuned = dataclasses.replace(bundled, stage2=Network(model.to(dev).eval(), meta, dev))
             s2 = tuned.predict_stage2(study, s1)
             sel = legs == test_leg
+            held_out[sel] = s2[sel]
             results[test_leg] = {
                 "bundled": [dice(s2_bundled[sel] == i, ref[sel] == i) for i in mapped],
                 "tuned": [dice(s2[sel] == i, ref[sel] == i) for i in mapped],
@@ -103,6 +107,16 @@ def main() -> None:
     for leg_id, r in results.items():
         print(f"trained on the {anatomy.LEGS[3 - leg_id]} leg: {r['epochs']} epochs of 10 steps, "
               f"{r['minutes']:.1f} min including set-up")
+    if a.docs:
+        from legcomp.report.overlay import save_overlay
+
+        docs = Path(a.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        name = "realdata_thigh_scratch.png" if a.from_scratch else "realdata_thigh_finetuned.png"
+        save_overlay(study.water, study.fat, s1, held_out, "thigh", study.spacing, docs / name, levels=[3, 7, 11],
+                     title=f"huashan_thigh_001: each leg by the stage-2 network trained {a.minutes:g} min on the "
+                           f"other leg's labels")
+        print(f"overlay written to {docs / name}")
 
 
 if __name__ == "__main__":
