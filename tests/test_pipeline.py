@@ -160,7 +160,7 @@ def test_bad_weights_give_one_line_and_exit_2(tmp_path, thigh_case, tiny_weights
     assert main(["run", str(thigh_case), "--out", str(out), "--region", "knee", "--quiet"]) == 2
 
 
-def test_weights_folder_with_one_network_takes_the_other_bundled(tmp_path, tiny_weights):
+def test_weights_folder_with_one_network_takes_the_other_bundled(tmp_path, tiny_weights, thigh_case, capsys):
     from legcomp.inference.cascade import cascade_paths
     from legcomp.errors import LegcompInputError
 
@@ -175,6 +175,10 @@ def test_weights_folder_with_one_network_takes_the_other_bundled(tmp_path, tiny_
     assert cascade.sources[1].endswith("thigh_stage1.pt") and str(wdir) in cascade.sources[2]
     assert cascade.stage2.meta["config"] != cascade.stage1.meta["config"]  # tiny stage 2, bundled stage 1
     assert cascade_paths("thigh", tiny_weights) == {s: tiny_weights / f"thigh_stage{s}.pt" for s in (1, 2)}
+    capsys.readouterr()
+    assert main(["predict", str(thigh_case), "--out", str(tmp_path / "o"), "--weights", str(wdir), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert "thigh stage 1: none in" in capsys.readouterr().err  # the user is told
 
 
 @pytest.mark.skipif(not (REALDATA / "qmritools_calf").is_dir(), reason="../shared/realdata not present")

@@ -123,6 +123,11 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
     def get_cascade(reg: str) -> Cascade:
         if reg not in cascades:
             cascades[reg] = Cascade.load(reg, weights, device)
+            if weights:
+                for stage, src in cascades[reg].sources.items():
+                    if Path(src).parent != Path(weights):
+                        print(f"legcomp: {reg} stage {stage}: none in {weights}, using the bundled {Path(src).name}",
+                              file=sys.stderr)
         return cascades[reg]
 
     if single:
