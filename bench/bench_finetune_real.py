@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--realdata", default=str(REALDATA))
     ap.add_argument("--minutes", type=float, default=10.0, help="fine-tuning time per fold (minutes)")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--weights", default=None, help="weights folder to start from (default: bundled)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -62,10 +63,10 @@ def main() -> None:
     mapping = load_label_mapping("huashan_thigh")
     ref = apply_label_mapping(read_label_map(root / "reference_labels.nii.gz", study), mapping, "thigh")
     mapped = sorted({anatomy.label_by_name(n, "thigh").id for n in mapping.values() if n})
-    bundled = Cascade.load("thigh", None, a.device)
+    bundled = Cascade.load("thigh", a.weights, a.device)
     s1, s2_bundled = bundled.predict(study)
     legs = leg_map(ref > 0, study.affine)  # as bench_realdata.py: every voxel to a leg
-    init = weights_path("thigh", 2)
+    init = weights_path("thigh", 2, a.weights)
     norm = prep.normalisation_of(read_weights_meta(init)[0])["method"]
 
     results = {}
@@ -92,10 +93,11 @@ def main() -> None:
                 "tuned": [dice(s2[sel] == i, ref[sel] == i) for i in mapped],
                 "epochs": summary.get("epochs_run"), "minutes": (time.perf_counter() - t0) / 60}
 
-    start = "random weights" if a.from_scratch else "the bundled weights"
+    start = "random weights" if a.from_scratch else f"the weights in {a.weights}" if a.weights else "the bundled weights"
     print(f"huashan_thigh_001, stage 2 trained from {start} on one leg for {a.minutes:g} min, tested on the "
           f"other (DSC against the reference labels)")
-    print(f"{'muscle':36s} {'left: bundled':>14s} {'tuned':>7s} {'right: bundled':>15s} {'tuned':>7s}")
+    print(f"{'muscle':36s} {'left: start':>14s} {'tuned':>7s} {'right: start':>15s} {'tuned':>7s}   "
+          f"(start: the --weights networks, default bundled, before any training)")
     for k, lab_id in enumerate(mapped):
         name = anatomy.MUSCLES["thigh"][lab_id - 1].name
         lft, rgt = results[1], results[2]
