@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -102,6 +103,34 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
     return out_dir
 
 
+def for_each_study(input: Path, studies: list[Path], work: Callable[[Path, str], None], *,
+                   progress: bool = True) -> list[dict]:
+    """Call ``work(path, name)`` for each study folder under ``input`` (name: its path below ``input``,
+    joined by ``_``). One failing study is reported on stderr and recorded, and the others go on
+    (one bad subject never stops a cohort). Returns the failures: ``{"study": path, "error": text}``.
+    """
+    failures = []
+    for path in tqdm(studies, desc="studies", unit="study", disable=not progress, file=sys.stderr):
+        name = "_".join(path.relative_to(input).parts) if path != input else path.name
+        try:
+            work(path, name)
+        except LegcompInputError as exc:
+            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            failures.append({"study": str(path), "error": msg})
+            print(f"legcomp: error: {msg}", file=sys.stderr)
+        except Exception as exc:
+            failures.append({"study": str(path), "error": f"{type(exc).__name__}: {exc}"})
+            print(f"legcomp: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return failures
+
+
+def write_failures(out: Path, failures: list[dict]) -> None:
+    """``out/failures.csv`` (study, error), when there are any."""
+    if failures:
+        out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(failures).to_csv(out / "failures.csv", index=False)
+
+
 def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None, weights: str | None = None,
                device: str = "auto", quantify: bool = True, overlay: bool = True, fat_rule: str = "seed",
                progress: bool = True) -> int:
@@ -138,32 +167,25 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
         print(f"{study.name}: {reg}, wrote {out}")
         return 0
 
-    failures, tables = [], []
+    tables = []
     names: set[str] = set()
-    for path in tqdm(studies, desc="studies", unit="study", disable=not progress, file=sys.stderr):
-        name = "_".join(path.relative_to(input).parts) if path != input else path.name
-        try:
-            study = read_study(path, region=region, name=name)
-            reg, how = resolve_region(study, region)
-            target = out / name
-            if name in names:
-                raise LegcompInputError("two studies with the same name", path)
-            names.add(name)
-            process_study(study, target, get_cascade(reg), region_how=how, quantify=quantify, overlay=overlay,
-                          fat_rule=fat_rule)
-            if quantify and (target / "volumes.csv").exists():
-                tables.append(pd.read_csv(target / "volumes.csv"))
-        except LegcompInputError as exc:
-            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            failures.append({"study": str(path), "error": msg})
-            print(f"legcomp: error: {msg}", file=sys.stderr)
-        except Exception as exc:  # one bad subject never stops a cohort run
-            failures.append({"study": str(path), "error": f"{type(exc).__name__}: {exc}"})
-            print(f"legcomp: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def one(path: Path, name: str) -> None:
+        study = read_study(path, region=region, name=name)
+        reg, how = resolve_region(study, region)
+        target = out / name
+        if name in names:
+            raise LegcompInputError("two studies with the same name", path)
+        names.add(name)
+        process_study(study, target, get_cascade(reg), region_how=how, quantify=quantify, overlay=overlay,
+                      fat_rule=fat_rule)
+        if quantify and (target / "volumes.csv").exists():
+            tables.append(pd.read_csv(target / "volumes.csv"))
+
+    failures = for_each_study(input, studies, one, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     if tables:
         pd.concat(tables, ignore_index=True).to_csv(out / "cohort_volumes.csv", index=False)
-    if failures:
-        pd.DataFrame(failures).to_csv(out / "failures.csv", index=False)
+    write_failures(out, failures)
     print(f"{len(studies) - len(failures)} of {len(studies)} studies done, {len(failures)} failed; wrote {out}")
     return 1 if failures else 0

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from legcomp import __version__, anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.inference.cascade import Cascade
 from legcomp.io import DixonStudy, find_studies, read_study
 from legcomp.io.atomic import staged_output
-from legcomp.io.nifti import read_label_map
+from legcomp.io.nifti import read_label_map, write_study
+from legcomp.pipeline import for_each_study, write_failures
 from legcomp.preprocessing.legs import leg_map
 from legcomp.quantification.mapping import apply_label_mapping, load_label_mapping
 
@@ -106,40 +105,27 @@ def prepare_cohort(input: str | Path, out: str | Path, *, labels: str, region: s
         raise LegcompInputError("no Dixon study found (water and fat NIfTI files or DICOM series)", input)
     mp = load_label_mapping(mapping) if mapping else None
     cascade: Cascade | None = None
-    failures = []
-    for path in tqdm(studies, desc="studies", unit="study", disable=not progress, file=sys.stderr):
-        name = "_".join(path.relative_to(input).parts) if path != input else path.name
-        try:
-            label_file = path / labels
-            if not label_file.is_file():
-                raise LegcompInputError(f"no label file {labels!r} in the study folder", path)
-            study = read_study(path, region=region, name=name)
-            muscles = read_label_map(label_file, study)
-            if mp is not None:
-                muscles = apply_label_mapping(muscles, mp, region, label_file)
-            if "stage1" not in study.labels and cascade is None:
-                cascade = Cascade.load(region, weights, device)
-            prepared, info = prepare_study(study, muscles, region, cascade)
-            with staged_output(out / name, managed=PREPARED_FILES) as tmp:
-                for c in ("water", "fat", "in_phase", "opposed_phase"):
-                    prepared.save_like_input(prepared.image(c), tmp / f"{c}.nii.gz", dtype=np.float32)
-                for k, v in prepared.labels.items():
-                    prepared.save_like_input(v, tmp / f"{k}.nii.gz", dtype=np.uint8)
-                prov = {"legcomp_version": __version__, "source": str(path), "labels": str(label_file),
-                        "mapping": getattr(mp, "path", None) if mp is not None else None, "region": region, **info}
-                (tmp / "prepare.json").write_text(json.dumps(prov, indent=2))
-            print(f"{name}: {', '.join(info['legs_kept'])} leg(s), {len(info['muscles_labelled'])} muscles -> {out / name}")
-        except LegcompInputError as exc:
-            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            failures.append({"study": str(path), "error": msg})
-            print(f"legcomp: error: {msg}", file=sys.stderr)
-        except Exception as exc:  # one bad subject never stops a cohort
-            failures.append({"study": str(path), "error": f"{type(exc).__name__}: {exc}"})
-            print(f"legcomp: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    if failures:
-        import pandas as pd
 
-        out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(failures).to_csv(out / "failures.csv", index=False)
+    def one(path: Path, name: str) -> None:
+        nonlocal cascade
+        label_file = path / labels
+        if not label_file.is_file():
+            raise LegcompInputError(f"no label file {labels!r} in the study folder", path)
+        study = read_study(path, region=region, name=name)
+        muscles = read_label_map(label_file, study)
+        if mp is not None:
+            muscles = apply_label_mapping(muscles, mp, region, label_file)
+        if "stage1" not in study.labels and cascade is None:
+            cascade = Cascade.load(region, weights, device)
+        prepared, info = prepare_study(study, muscles, region, cascade)
+        with staged_output(out / name, managed=PREPARED_FILES) as tmp:
+            write_study(prepared, tmp)
+            prov = {"legcomp_version": __version__, "source": str(path), "labels": str(label_file),
+                    "mapping": getattr(mp, "path", None) if mp is not None else None, "region": region, **info}
+            (tmp / "prepare.json").write_text(json.dumps(prov, indent=2))
+        print(f"{name}: {', '.join(info['legs_kept'])} leg(s), {len(info['muscles_labelled'])} muscles -> {out / name}")
+
+    failures = for_each_study(input, studies, one, progress=progress)
+    write_failures(out, failures)
     print(f"{len(studies) - len(failures)} of {len(studies)} studies prepared, {len(failures)} failed; wrote {out}")
     return 1 if failures else 0
