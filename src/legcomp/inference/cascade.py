@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 from legcomp import anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
-from legcomp.models import bundled_weights_dir, load_weights
+from legcomp.models import bundled_weights_dir, load_weights, weights_file_name
 from legcomp.preprocessing import inputs as prep
 from legcomp.preprocessing.legs import leg_map, side_from_muscles
 
@@ -41,7 +41,7 @@ def default_weights_dir() -> Path:
 def weights_path(region: str, stage: int, weights_dir: str | Path | None = None) -> Path:
     """Path of one network's weights file in a weights folder."""
     folder = Path(weights_dir) if weights_dir else default_weights_dir()
-    path = folder / f"{anatomy.check_region(region)}_stage{stage}.pt"
+    path = folder / weights_file_name(region, stage)
     if not path.is_file():
         raise LegcompInputError(f"no weights for {region} stage {stage} (expected {path.name})", folder)
     return path
@@ -53,7 +53,7 @@ def cascade_paths(region: str, weights_dir: str | Path | None = None) -> dict[in
     region = anatomy.check_region(region)
     if not weights_dir:
         return {s: weights_path(region, s) for s in (1, 2)}
-    have = {s: Path(weights_dir) / f"{region}_stage{s}.pt" for s in (1, 2)}
+    have = {s: Path(weights_dir) / weights_file_name(region, s) for s in (1, 2)}
     if not any(p.is_file() for p in have.values()):
         weights_path(region, 1, weights_dir)  # raises: neither network in the folder
     return {s: p if p.is_file() else weights_path(region, s) for s, p in have.items()}

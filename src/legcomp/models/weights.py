@@ -36,9 +36,14 @@ def bundled_weights_dir() -> Path:
     return Path(str(resources.files("legcomp") / "data" / "weights"))
 
 
+def weights_file_name(region: str, stage: int) -> str:
+    """File name of one network's weights in a weights folder: ``<region>_stage<k>.pt``."""
+    return f"{anatomy.check_region(region)}_stage{int(stage)}.pt"
+
+
 def bundled_weights(region: str, stage: int) -> Path:
     """The bundled weights file of one network (``legcomp train --init bundled`` starts from it)."""
-    return bundled_weights_dir() / f"{anatomy.check_region(region)}_stage{int(stage)}.pt"
+    return bundled_weights_dir() / weights_file_name(region, stage)
 
 
 def label_names(stage: int, region: str) -> list[str]:

@@ -161,7 +161,7 @@ def _randomize_options(rng: np.random.Generator, region: str, nlegs: int, opts: 
         o["t_shift"] = float(rng.uniform(-0.15, 0.15))
         if dz > 8.0 and rng.random() < 0.5:  # thin slices with gaps
             o["slice_thickness"] = float(rng.uniform(3.0, min(10.0, dz)))
-    o["size_sd"] = float(rng.uniform(0.12, 0.35))
+    o["size_sd"] = float(rng.uniform(shapes.MUSCLE_SIZE_SD, 0.35))
     return o
 
 
@@ -220,7 +220,7 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
                 adiposity=float(adiposity), snr=float(snr), bias=float(bias), swap=bool(swap),
                 supersample=int(supersample), randomize=bool(randomize), blur=0.0, separation=None,
                 mask_background=False, t_shift=0.0, slice_thickness=slice_thickness, offset=(0.0, 0.0),
-                ghost=0.0, ringing=0.0, size_sd=0.12)
+                ghost=0.0, ringing=0.0, size_sd=shapes.MUSCLE_SIZE_SD)
     if randomize:
         opts = _randomize_options(rng_rand, region, nlegs, opts, randomize_grid)
     spacing = tuple(float(s) for s in opts["spacing"])
@@ -243,7 +243,7 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
     leg_models = shapes.sample_subject(region, rng_geo, legs=legs, adiposity=opts["adiposity"],
                                        infiltration=opts["infiltration"], separation=opts["separation"],
                                        offset=tuple(opts["offset"]),
-                                       variability=1.0, size_sd=float(opts.get("size_sd", 0.12)))
+                                       variability=1.0, size_sd=float(opts["size_sd"]))
     for lm in leg_models:
         lm.t_centre += opts.get("t_shift", 0.0)
     mfat = sig.sample_muscle_fat(region, rng_fat, opts["infiltration"], spec.susceptibility, bool(randomize))

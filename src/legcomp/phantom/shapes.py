@@ -37,6 +37,8 @@ WEIGHT_ZERO = 0.4
 """Seed weight at which a cell has its plain Voronoi size; smaller weights shrink it."""
 WEIGHT_MM = 0.35
 """Additive weight (fraction of the fascia radius) per unit of seed weight."""
+MUSCLE_SIZE_SD = 0.12
+"""Default log-normal spread of each muscle's size weight between subjects (``randomize`` draws up to 0.35)."""
 _TH = np.linspace(-np.pi, np.pi, _NTH + 1)
 
 
@@ -293,7 +295,7 @@ def muscle_code(name: str, region: str) -> int:
 
 def sample_subject(region: str, rng: np.random.Generator, *, legs: str = "both", adiposity: float = 0.5,
                    infiltration: float = 0.3, separation: float | None = None, offset: tuple = (0.0, 0.0),
-                   variability: float = 1.0, size_sd: float = 0.12) -> list[LegModel]:
+                   variability: float = 1.0, size_sd: float = MUSCLE_SIZE_SD) -> list[LegModel]:
     """Draw one subject's legs (shared subject traits plus per-leg asymmetry).
 
     ``variability`` scales all random deviations from the template (0 = the mean subject);

@@ -315,10 +315,9 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         run_id = {"stage": stage, "region": region, "folds": folds, "fold": fold, "seed": seed,
                   "config": cfg, "in_channels": in_channels, "normalisation": normalisation}
         if init_weights and not (resume and paths["checkpoint"].is_file()):
-            from legcomp.models import load_weights
+            from legcomp.models import bundled_weights, load_weights
 
             if str(init_weights) == "bundled":
-                from legcomp.models import bundled_weights
                 init_weights = bundled_weights(region, stage)
             init_model, init_meta = load_weights(init_weights, region=region, stage=stage)
             if resolve_config(init_meta["config"]) != cfg or int(init_meta["in_channels"]) != in_channels:
