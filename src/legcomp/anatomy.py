@@ -27,6 +27,15 @@ REGIONS: tuple[str, ...] = ("thigh", "calf")
 LEGS: dict[int, str] = {1: "left", 2: "right"}
 """Ids of a leg map (0 = background): the subject's left and right leg."""
 
+IGNORE: int = 255
+"""Label value of voxels that carry no label (training data only: slices a source leaves
+unlabelled, e.g. the hip slices of a thigh map). Training leaves them out of the loss."""
+
+LABEL_RECORD = "label_record.json"
+"""File name, in a training study's folder, of its label record: which structures its label maps
+do not label, per stage, e.g. ``{"stage2": {"unlabelled": ["adductor_longus"]}}`` (names from this
+module). A structure a study does not label is never learnt as background from that study."""
+
 
 @dataclass(frozen=True)
 class Label:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from legcomp import anatomy
 from legcomp.errors import LegcompInputError
@@ -248,104 +247,24 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
         lm.t_centre += opts.get("t_shift", 0.0)
     mfat = sig.sample_muscle_fat(region, rng_fat, opts["infiltration"], spec.susceptibility, bool(randomize))
     tp = sig.random_tissue_params(rng_tis) if randomize else sig.TissueParams()
-    pd_lut = np.zeros(N_CODES, np.float32)
-    ff_lut = np.zeros(N_CODES, np.float32)
-    for leg in (0, 1):
-        for t, v in tp.pd.items():
-            pd_lut[LEG_STRIDE * leg + t] = v
-        for t, v in tp.ff.items():
-            ff_lut[LEG_STRIDE * leg + t] = v
-    is_muscle = np.zeros(N_CODES, bool)
-    for leg in (0, 1):
-        is_muscle[LEG_STRIDE * leg + MUSCLE0 + 1: LEG_STRIDE * leg + MUSCLE0 + 1 + len(anatomy.MUSCLES[region])] = True
-    pd_lut[is_muscle] = tp.muscle_pd
-    is_sat = np.zeros(N_CODES, bool)
-    is_sat[[SAT, SAT + LEG_STRIDE]] = True
+    muscle_codes = MUSCLE0 + np.arange(1, len(anatomy.MUSCLES[region]) + 1)
 
-    # fine grid coordinates (mm)
-    x0, y0, z0 = affine[:3, 3]
-    xs = x0 - spacing[0] / 2 + (np.arange(nx * s_xy) + 0.5) * spacing[0] / s_xy
-    ys = y0 - spacing[1] / 2 + (np.arange(ny * s_xy) + 0.5) * spacing[1] / s_xy
-    zsub = (np.arange(s_z) + 0.5) * thick / s_z - thick / 2
-    ext = ((xs[0], xs[-1]), (ys[0], ys[-1]), (z0 - spacing[2], z0 + nz * spacing[2]))
-    n1f = sig.NoiseField(rng_field, ext)
-    n2f = sig.NoiseField(rng_field, ext)
-    n3f = sig.NoiseField(rng_field, ext, step=(4.0, 4.0, 15.0), sigma_vox=(1.5, 1.5, 1.0))
-    vox_idx = (np.arange(nx)[:, None] * ny + np.arange(ny)[None, :]).repeat(s_xy, 0).repeat(s_xy, 1).astype(np.int64)
+    def anatomy_slice(xs: np.ndarray, ys: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+        code = np.zeros((xs.size, ys.size), np.uint8)
+        rnorm = np.full(code.shape, 2.0, np.float32)
+        gap = np.full(code.shape, 1e3, np.float32)
+        for lm in leg_models:
+            shapes.rasterize_leg(lm, xs, ys, z, code, rnorm, gap)
+        return code, gap
 
-    water = np.zeros(matrix, np.float32)
-    fat = np.zeros(matrix, np.float32)
-    fine_lab = np.zeros(matrix, np.uint8)
-    counts = np.zeros(N_CODES, np.float64)
-    ffsum = np.zeros(N_CODES, np.float64)
-    texture = np.float32(tp.texture)
-    for k in range(nz):
-        zc = z0 + k * spacing[2]
-        votes = np.zeros(nx * ny * N_CODES, np.int32)
-        wacc = np.zeros((nx, ny), np.float32)
-        facc = np.zeros((nx, ny), np.float32)
-        for dz in zsub:
-            z = zc + dz
-            code = np.zeros((xs.size, ys.size), np.uint8)
-            rnorm = np.full(code.shape, 2.0, np.float32)
-            gap = np.full(code.shape, 1e3, np.float32)
-            for lm in leg_models:
-                shapes.rasterize_leg(lm, xs, ys, z, code, rnorm, gap)
-            pd = pd_lut[code]
-            ff = ff_lut[code]
-            mus = is_muscle[code]
-            if mus.any():
-                n1 = n1f.slice(xs, ys, z)
-                n2 = n2f.slice(xs, ys, z)
-                n3 = n3f.slice(xs, ys, z)
-                cm = code[mus]
-                ff[mus] = sig.muscle_ff(cm, n1[mus], n2[mus], n3[mus], gap[mus], mfat)
-                pd[mus] *= 1.0 + texture * n2[mus]
-                pd[mus] *= sig.replaced_pd_factor(ff[mus], mfat.base[cm], tp)
-                sat = is_sat[code]
-                if sat.any():  # fibrous septa of the subcutaneous fat: thin lines of low PD / FF
-                    line = sig.septa_lines(n1[sat], n3[sat], tp.sat_septa)
-                    pd[sat] *= 1.0 - 0.45 * line
-                    ff[sat] *= 1.0 - 0.5 * line
-            counts += np.bincount(code.ravel(), minlength=N_CODES)
-            ffsum += np.bincount(code.ravel(), weights=ff.ravel().astype(np.float64), minlength=N_CODES)
-            w = pd * (1 - ff)
-            f = pd * ff
-            wacc += w.reshape(nx, s_xy, ny, s_xy).mean(axis=(1, 3))
-            facc += f.reshape(nx, s_xy, ny, s_xy).mean(axis=(1, 3))
-            votes += np.bincount((vox_idx * N_CODES + code).ravel(), minlength=nx * ny * N_CODES).astype(np.int32)
-        water[:, :, k] = wacc / s_z
-        fat[:, :, k] = facc / s_z
-        fine_lab[:, :, k] = votes.reshape(nx * ny, N_CODES).argmax(axis=1).reshape(nx, ny)
+    water, fat, fine_lab, counts, ffsum, app = render(anatomy_slice, affine, matrix, thick, s_xy, s_z, tp, mfat,
+                                                      muscle_codes, rng_field)
 
     stage1 = _lut("stage1", region)[fine_lab]
     stage2 = _lut("stage2", region)[fine_lab]
     legmap = _lut("legs", region)[fine_lab]
 
-    # acquisition: swap, blur, bias, scale, noise
-    if opts["swap"]:
-        m = sig.swap_mask(legmap, spacing, rng_noise)
-        water[m], fat[m] = fat[m].copy(), water[m].copy()
-    if opts.get("ringing", 0) > 0:  # k-space truncation in-plane (Gibbs ringing, lower true resolution)
-        water = sig.truncate_kspace(water, opts["ringing"])
-        fat = sig.truncate_kspace(fat, opts["ringing"])
-    if opts.get("ghost", 0) > 0:  # phase-encoding ghost (motion / flow) along y
-        water = water + np.float32(opts["ghost"]) * np.roll(water, water.shape[1] // 2, axis=1)
-        fat = fat + np.float32(opts["ghost"]) * np.roll(fat, fat.shape[1] // 2, axis=1)
-    if opts.get("blur", 0) > 0:
-        sg = (opts["blur"], opts["blur"], 0.0)
-        water = ndimage.gaussian_filter(water, sg)
-        fat = ndimage.gaussian_filter(fat, sg)
-    b = sig.bias_field(matrix, spacing, rng_noise, opts["bias"]) * np.float32(tp.scale)
-    water *= b
-    fat *= b
-    sigma = tp.scale * (1 - float(np.mean(mfat.base[is_muscle]))) / opts["snr"]
-    water = sig.rician(water, sigma, rng_noise)
-    fat = sig.rician(fat, sigma, rng_noise)
-    if opts.get("mask_background"):
-        body = ndimage.binary_dilation(legmap > 0, iterations=2)
-        water[~body] = 0
-        fat[~body] = 0
+    water, fat = sig.acquire(water, fat, legmap, spacing, opts, app, rng_noise)
     ip = water + fat
     op = np.abs(water - fat)
 
@@ -357,6 +276,58 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
     return Phantom(water=water, fat=fat, in_phase=ip.astype(np.float32), opposed_phase=op.astype(np.float32),
                    stage1=stage1, stage2=stage2, legs=legmap, affine=affine, region=region, seed=seed,
                    options=opts_out, truth=truth)
+
+
+def render(anatomy_slice, affine: np.ndarray, matrix: tuple, thick: float, s_xy: int, s_z: int,
+           tp: sig.TissueParams, mfat: sig.MuscleFat, muscle_codes: np.ndarray, rng_field: np.random.Generator):
+    """Render voxel water and fat (PD units) of any anatomy source with the one Dixon signal model.
+
+    ``anatomy_slice(xs, ys, z) -> (code, gap)`` gives the fine tissue code (uint8, shape
+    (len(xs), len(ys))) and the distance to the nearest septum (mm) of sub-voxels at xs x ys (mm) and
+    height z (mm). Each voxel is supersampled ``s_xy`` x ``s_xy`` in-plane and ``s_z`` times over the
+    slice thickness ``thick`` (mm); signal is block-averaged (partial volume) and the fine label
+    majority-voted.
+
+    Returns:
+        (water, fat, fine_lab, counts, ffsum, appearance): float32 and uint8 (x, y, z) arrays, the
+        sub-voxel count and summed fat fraction per fine code (for exact truth volumes), and the
+        :class:`legcomp.phantom.signal.Appearance` used.
+    """
+    nx, ny, nz = matrix
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    x0, y0, z0 = affine[:3, 3]
+    xs = x0 - spacing[0] / 2 + (np.arange(nx * s_xy) + 0.5) * spacing[0] / s_xy
+    ys = y0 - spacing[1] / 2 + (np.arange(ny * s_xy) + 0.5) * spacing[1] / s_xy
+    zsub = (np.arange(s_z) + 0.5) * thick / s_z - thick / 2
+    ext = ((xs[0], xs[-1]), (ys[0], ys[-1]), (z0 - spacing[2], z0 + nz * spacing[2]))
+    app = sig.make_appearance(tp, mfat, muscle_codes, rng_field, ext)
+    vox_idx = (np.arange(nx)[:, None] * ny + np.arange(ny)[None, :]).repeat(s_xy, 0).repeat(s_xy, 1).astype(np.int64)
+
+    water = np.zeros(matrix, np.float32)
+    fat = np.zeros(matrix, np.float32)
+    fine_lab = np.zeros(matrix, np.uint8)
+    counts = np.zeros(N_CODES, np.float64)
+    ffsum = np.zeros(N_CODES, np.float64)
+    for k in range(nz):
+        zc = z0 + k * spacing[2]
+        votes = np.zeros(nx * ny * N_CODES, np.int32)
+        wacc = np.zeros((nx, ny), np.float32)
+        facc = np.zeros((nx, ny), np.float32)
+        for dz in zsub:
+            z = zc + dz
+            code, gap = anatomy_slice(xs, ys, z)
+            pd, ff = app.pd_ff(code, xs, ys, z, gap)
+            counts += np.bincount(code.ravel(), minlength=N_CODES)
+            ffsum += np.bincount(code.ravel(), weights=ff.ravel().astype(np.float64), minlength=N_CODES)
+            w = pd * (1 - ff)
+            f = pd * ff
+            wacc += w.reshape(nx, s_xy, ny, s_xy).mean(axis=(1, 3))
+            facc += f.reshape(nx, s_xy, ny, s_xy).mean(axis=(1, 3))
+            votes += np.bincount((vox_idx * N_CODES + code).ravel(), minlength=nx * ny * N_CODES).astype(np.int32)
+        water[:, :, k] = wacc / s_z
+        fat[:, :, k] = facc / s_z
+        fine_lab[:, :, k] = votes.reshape(nx * ny, N_CODES).argmax(axis=1).reshape(nx, ny)
+    return water, fat, fine_lab, counts, ffsum, app
 
 
 def _stats(vol: float, fat_ml: float, label_ml: float | None = None) -> dict:

@@ -247,3 +247,100 @@ def swap_mask(legs: np.ndarray, spacing: tuple, rng: np.random.Generator) -> np.
     gz = (np.arange(shape[2]) - zc) * spacing[2]
     d = (gx[:, None, None] / radius) ** 2 + (gy[None, :, None] / radius) ** 2 + (gz[None, None, :] / zr) ** 2
     return d < 1.0
+
+
+@dataclass
+class Appearance:
+    """One subject's tissue appearance: lookup tables over fine codes, muscle fat, smooth noise fields.
+
+    Shared by every anatomy source (the template phantom and legs synthesised from real label maps):
+    :meth:`pd_ff` turns a map of fine tissue codes into proton density and fat fraction.
+    """
+
+    tp: TissueParams
+    mfat: MuscleFat
+    pd_lut: np.ndarray
+    ff_lut: np.ndarray
+    is_muscle: np.ndarray
+    is_sat: np.ndarray
+    fields: tuple  # three NoiseField: patch mix (n1, n2) and streaks / septa (n3)
+
+    def pd_ff(self, code: np.ndarray, xs: np.ndarray, ys: np.ndarray, z: float,
+              gap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """PD (relative to muscle) and FF (0-1) of sub-voxels with fine ``code`` on the grid xs x ys (mm)
+        at height z (mm); ``gap``: mm from each sub-voxel to the nearest septum (muscle border)."""
+        tp, mf = self.tp, self.mfat
+        pd = self.pd_lut[code]
+        ff = self.ff_lut[code]
+        mus = self.is_muscle[code]
+        if mus.any():
+            n1f, n2f, n3f = self.fields
+            n1 = n1f.slice(xs, ys, z)
+            n2 = n2f.slice(xs, ys, z)
+            n3 = n3f.slice(xs, ys, z)
+            cm = code[mus]
+            ff[mus] = muscle_ff(cm, n1[mus], n2[mus], n3[mus], gap[mus], mf)
+            pd[mus] *= 1.0 + np.float32(tp.texture) * n2[mus]
+            pd[mus] *= replaced_pd_factor(ff[mus], mf.base[cm], tp)
+            sat = self.is_sat[code]
+            if sat.any():  # fibrous septa of the subcutaneous fat: thin lines of low PD / FF
+                line = septa_lines(n1[sat], n3[sat], tp.sat_septa)
+                pd[sat] *= 1.0 - 0.45 * line
+                ff[sat] *= 1.0 - 0.5 * line
+        return pd, ff
+
+
+def make_appearance(tp: TissueParams, mfat: MuscleFat, muscle_codes: np.ndarray, rng_field: np.random.Generator,
+                    extent: tuple) -> Appearance:
+    """Build an :class:`Appearance`: ``muscle_codes`` (tissue codes 0..LEG_STRIDE-1 that are muscle)
+    take the muscle PD and :func:`muscle_ff`; noise fields cover ``extent`` ((x0, x1), (y0, y1), (z0, z1)) mm."""
+    pd_lut = np.zeros(N_CODES, np.float32)
+    ff_lut = np.zeros(N_CODES, np.float32)
+    for leg in (0, 1):
+        for t, v in tp.pd.items():
+            pd_lut[LEG_STRIDE * leg + t] = v
+        for t, v in tp.ff.items():
+            ff_lut[LEG_STRIDE * leg + t] = v
+    is_muscle = np.zeros(N_CODES, bool)
+    for leg in (0, 1):
+        is_muscle[LEG_STRIDE * leg + np.asarray(muscle_codes, np.int64)] = True
+    pd_lut[is_muscle] = tp.muscle_pd
+    is_sat = np.zeros(N_CODES, bool)
+    is_sat[[SAT, SAT + LEG_STRIDE]] = True
+    n1f = NoiseField(rng_field, extent)
+    n2f = NoiseField(rng_field, extent)
+    n3f = NoiseField(rng_field, extent, step=(4.0, 4.0, 15.0), sigma_vox=(1.5, 1.5, 1.0))
+    return Appearance(tp, mfat, pd_lut, ff_lut, is_muscle, is_sat, (n1f, n2f, n3f))
+
+
+def acquire(water: np.ndarray, fat: np.ndarray, legmap: np.ndarray, spacing: tuple, opts: dict,
+            app: Appearance, rng_noise: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The scanner's part, on voxel water and fat (PD units, (x, y, z)): optional fat-water swap,
+    Gibbs ringing, ghost, blur, coil bias, signal scale, Rician noise, background masking.
+
+    ``opts`` keys: swap, ringing, ghost, blur, bias, snr, mask_background. Returns (water, fat) float32.
+    """
+    if opts.get("swap"):
+        m = swap_mask(legmap, spacing, rng_noise)
+        water[m], fat[m] = fat[m].copy(), water[m].copy()
+    if opts.get("ringing", 0) > 0:  # k-space truncation in-plane (Gibbs ringing, lower true resolution)
+        water = truncate_kspace(water, opts["ringing"])
+        fat = truncate_kspace(fat, opts["ringing"])
+    if opts.get("ghost", 0) > 0:  # phase-encoding ghost (motion / flow) along y
+        water = water + np.float32(opts["ghost"]) * np.roll(water, water.shape[1] // 2, axis=1)
+        fat = fat + np.float32(opts["ghost"]) * np.roll(fat, fat.shape[1] // 2, axis=1)
+    if opts.get("blur", 0) > 0:
+        sg = (opts["blur"], opts["blur"], 0.0)
+        water = ndimage.gaussian_filter(water, sg)
+        fat = ndimage.gaussian_filter(fat, sg)
+    b = bias_field(water.shape, spacing, rng_noise, opts["bias"]) * np.float32(app.tp.scale)
+    water *= b
+    fat *= b
+    sigma = app.tp.scale * (1 - float(np.mean(app.mfat.base[app.is_muscle]))) / opts["snr"]
+    water = rician(water, sigma, rng_noise)
+    fat = rician(fat, sigma, rng_noise)
+    if opts.get("mask_background"):
+        body = ndimage.binary_dilation(legmap > 0, iterations=2)
+        water[~body] = 0
+        fat[~body] = 0
+    return water, fat
