@@ -14,7 +14,8 @@ opposed_phase      opp_phase, opposed_phase, out_phase, oppphase, outphase, op
 
 Label maps found beside them are read too: ``stage1``, ``stage2``, ``legs`` (legcomp and its
 phantom), ``<subject>_<REGION>_WHOLEMUSCLE_SAT_mask`` (stage 1) and
-``<subject>_<REGION>_MUSCLECOMP_mask`` (stage 2) from the seed's training layout.
+``<subject>_<REGION>_MUSCLECOMP_mask`` (stage 2) from the seed's training layout, and the
+training label record :data:`legcomp.anatomy.LABEL_RECORD` (which structures the maps leave unlabelled).
 
 The region is taken, in this order, from the ``region`` argument, from the seed's mask names,
 or from the nearest enclosing folder whose name contains ``thigh`` or ``calf``
@@ -23,6 +24,7 @@ or from the nearest enclosing folder whose name contains ``thigh`` or ``calf``
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -128,7 +130,47 @@ def read_nifti_study(folder: str | Path, *, region: str | None = None, name: str
     raw = {k: (*load_nifti(p), p) for k, p in images.items()}
     raw_labels = {k: (*load_nifti(p), p) for k, p in labels.items()} if with_labels else {}
     reg = region or hint or region_from_path(folder)
-    return make_study(raw, region=reg, name=name or _subject_name(folder), source=str(folder), labels=raw_labels)
+    study = make_study(raw, region=reg, name=name or _subject_name(folder), source=str(folder), labels=raw_labels)
+    from legcomp.anatomy import LABEL_RECORD
+
+    if with_labels and (folder / LABEL_RECORD).is_file():
+        study.label_record = read_label_record(folder / LABEL_RECORD, study.region)
+    return study
+
+
+def read_label_record(path: str | Path, region: str = "unknown") -> dict:
+    """Read and check a label record (:data:`legcomp.anatomy.LABEL_RECORD`).
+
+    JSON object; optional ``"stage1"`` / ``"stage2"`` objects each with an optional ``"unlabelled"``
+    list of structure names of that stage (of ``region``; of either region when it is unknown);
+    other keys (e.g. ``"source"``) are kept unchecked. Raises :class:`LegcompInputError` naming the file.
+    """
+    path = Path(path)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LegcompInputError(f"cannot read label record ({msg})", path) from None
+    check_label_record(rec, region, path)
+    return rec
+
+
+def check_label_record(rec: object, region: str = "unknown", path: object = None) -> None:
+    """Raise :class:`LegcompInputError` (naming ``path``) unless ``rec`` is a valid label record."""
+    from legcomp import anatomy
+
+    if not isinstance(rec, dict):
+        raise LegcompInputError("label record must be a JSON object", path)
+    for stage in (1, 2):
+        entry = rec.get(f"stage{stage}", {})
+        if not isinstance(entry, dict) or not isinstance(entry.get("unlabelled", []), list):
+            raise LegcompInputError(f'label record: "stage{stage}" must be an object with an "unlabelled" list', path)
+        regions = [region] if region in anatomy.REGIONS else list(anatomy.REGIONS)
+        known = {lab.name for r in regions for lab in anatomy.stage_labels(stage, r)}
+        bad = [n for n in entry.get("unlabelled", []) if n not in known]
+        if bad:
+            raise LegcompInputError(f"label record: unknown stage-{stage} structure(s) "
+                                    f"{', '.join(map(repr, bad))} for region {region}", path)
 
 
 def _subject_name(folder: Path) -> str:
@@ -219,7 +261,8 @@ def find_studies(root: str | Path) -> list[Path]:
 
 
 def write_study(study: DixonStudy, folder: str | Path, *, with_labels: bool = True) -> Path:
-    """Write the four contrasts (and label maps) as NIfTI in the study's input geometry."""
+    """Write the four contrasts (and label maps, and a non-empty label record) as NIfTI in the study's
+    input geometry."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for c in ("water", "fat", "in_phase", "opposed_phase"):
@@ -227,4 +270,8 @@ def write_study(study: DixonStudy, folder: str | Path, *, with_labels: bool = Tr
     if with_labels:
         for k, v in study.labels.items():
             study.save_like_input(v, folder / f"{k}.nii.gz", dtype=np.uint8)
+        if study.label_record:
+            from legcomp.anatomy import LABEL_RECORD
+
+            (folder / LABEL_RECORD).write_text(json.dumps(study.label_record, indent=1) + "\n")
     return folder

@@ -37,7 +37,11 @@ class DixonStudy:
         source: where the study was read from (folder or file).
         derived: contrasts computed rather than read (IP = W+F, OP = |W-F|).
         labels: optional label maps found with the study (``"stage1"``, ``"stage2"``,
-            ``"legs"``), uint8, same axes as the images.
+            ``"legs"``), uint8, same axes as the images; training maps may hold
+            :data:`legcomp.anatomy.IGNORE` (255) where a voxel carries no label.
+        label_record: which structures the label maps do not label (training data; the
+            :data:`legcomp.anatomy.LABEL_RECORD` file), e.g. ``{"stage2": {"unlabelled": [...]}}``;
+            empty = everything labelled.
         input_affine, input_shape: geometry of the input files, for writing back.
     """
 
@@ -51,6 +55,7 @@ class DixonStudy:
     source: str = ""
     derived: tuple[str, ...] = ()
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    label_record: dict = field(default_factory=dict)
     input_affine: np.ndarray | None = None
     input_shape: tuple[int, ...] | None = None
 

@@ -1,9 +1,12 @@
 """Training data: study discovery, deterministic k-fold splits, network-ready cases, MONAI transforms.
 
-A *case* is a dict ``{"image": float32 (C, x, y, z), "label": uint8 (1, x, y, z), "name": str}``
-on the working grid (:mod:`legcomp.preprocessing.inputs`). Stage 1 gives one case per study
+A *case* is a dict ``{"image": float32 (C, x, y, z), "label": uint8 (1, x, y, z), "classes": float32
+(n_classes,), "name": str}`` on the working grid (:mod:`legcomp.preprocessing.inputs`). Stage 1 gives one case per study
 (the whole field of view); stage 2 gives one case per leg (a crop around that leg's stage-1
 whole muscle, left legs mirrored along x to look like right legs), as at inference.
+Label voxels :data:`legcomp.anatomy.IGNORE` (255) carry no label and stay 255; ``classes`` is 1 for the
+classes the study labels and 0 for those its label record (:data:`legcomp.anatomy.LABEL_RECORD`) lists
+as unlabelled (background always 1), for :class:`legcomp.training.losses.PartialLabelLoss`.
 """
 
 from __future__ import annotations
@@ -64,7 +67,17 @@ def _leg_map(study: DixonStudy) -> np.ndarray:
         return study.labels["legs"]
     from legcomp.preprocessing.legs import leg_map
 
-    return leg_map(study.labels["stage1"] > 0, study.affine)
+    s1 = study.labels["stage1"]
+    return leg_map(np.isin(s1, (anatomy.SAT.id, anatomy.WHOLE_MUSCLE.id)), study.affine)
+
+
+def class_vector(study: DixonStudy, stage: int, region: str) -> np.ndarray:
+    """float32 (n_classes,): 1 for the classes of ``stage`` that ``study`` labels, 0 for those its
+    label record lists as unlabelled; index 0 (background) is always 1."""
+    out = np.ones(anatomy.n_classes(stage, region), np.float32)
+    for name in (study.label_record or {}).get(f"stage{stage}", {}).get("unlabelled", []):
+        out[anatomy.label_by_name(name, region).id] = 0.0
+    return out
 
 
 def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, with_stage1: bool = False,
@@ -77,13 +90,16 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
             raise LegcompInputError(f"study has no {key} label map", study.source or study.name)
     n_cls = anatomy.n_classes(stage, region)
     key = "stage1" if stage == 1 else "stage2"
-    if int(study.labels[key].max()) >= n_cls:
-        raise LegcompInputError(f"{key} labels go up to {int(study.labels[key].max())} but {region} stage {stage} "
-                                f"has {n_cls - 1} structures", study.source or study.name)
+    lab_ids = study.labels[key][study.labels[key] != anatomy.IGNORE]
+    top = int(lab_ids.max()) if lab_ids.size else 0
+    if top >= n_cls:
+        raise LegcompInputError(f"{key} labels go up to {top} but {region} stage {stage} has {n_cls - 1} structures "
+                                f"(and {anatomy.IGNORE} = no label)", study.source or study.name)
+    classes = class_vector(study, stage, region)
     work = prep.to_working(study, spacing)
     if stage == 1:
         return [{"image": prep.stage1_input(work, method=normalisation), "label": work.labels["stage1"][None].astype(np.uint8),
-                 "name": study.name}]
+                 "classes": classes, "name": study.name}]
     s1 = work.labels["stage1"]
     legs = _leg_map(work)
     image = prep.stage2_input(work, s1 if with_stage1 else None, method=normalisation)
@@ -94,11 +110,15 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
             continue
         img = prep.crop(image, box)
         lab = prep.crop(work.labels["stage2"], box)
-        lab = np.where(prep.crop(s1, box) == anatomy.WHOLE_MUSCLE.id, lab, 0).astype(np.uint8)
+        # outside the stage-1 whole muscle the muscles' label is background, except where either map
+        # carries no label (IGNORE stays IGNORE; a stage-2 id where stage 1 is IGNORE is kept)
+        s1c = prep.crop(s1, box)
+        keep = (s1c == anatomy.WHOLE_MUSCLE.id) | (s1c == anatomy.IGNORE) | (lab == anatomy.IGNORE)
+        lab = np.where(keep, lab, 0).astype(np.uint8)
         if prep.is_left(leg_id):
             img, lab = prep.mirror_x(img), prep.mirror_x(lab)
         cases.append({"image": np.ascontiguousarray(img, np.float32), "label": np.ascontiguousarray(lab)[None],
-                      "name": f"{study.name}_{anatomy.LEGS[leg_id]}"})
+                      "classes": classes.copy(), "name": f"{study.name}_{anatomy.LEGS[leg_id]}"})
     return cases
 
 
@@ -138,7 +158,9 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
     then augments: in-plane rotation/scaling, light elastic deformation, bias field, gamma,
     global and per-channel intensity scaling (domain transfer to real scans), Gaussian noise and smoothing,
     then clipping back to the inference range (a stage-1 mask channel is left out of the intensity
-    part), and (stage 1 only) left-right flips.
+    part), and (stage 1 only) left-right flips. Label voxels :data:`legcomp.anatomy.IGNORE` are never
+    a class (never a patch centre) and survive the nearest-neighbour spatial transforms; padding is 0.
+    A case's ``"classes"`` is passed through unchanged.
     """
     import torch
     from monai import transforms as T
@@ -181,7 +203,8 @@ def build_transforms(stage: int, n_classes: int, patch: Sequence[int], *, device
         ]
         if stage == 1:
             rnd.append(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=0))
-    rnd.append(T.SelectItemsd(keys=keys))
+    # a case's "classes" (labelled classes, for the partial-label loss) rides along untouched
+    rnd.append(T.SelectItemsd(keys=keys + ["classes"], allow_missing_keys=True))
     return det, T.Compose(rnd)
 
 

@@ -91,7 +91,8 @@ def _set_rng_state(st: dict) -> None:
 def validate(model: torch.nn.Module, cases: Sequence[dict], n_classes: int, patch: Sequence[int],
              divisor: Sequence[int], device: torch.device, amp: bool, sw_batch: int = 4) -> np.ndarray:
     """Sliding-window DSC per case and foreground class: float array (cases, n_classes - 1), NaN where
-    the structure is absent from the reference."""
+    the structure is absent from the reference or the case does not label it (its ``classes``);
+    :data:`legcomp.anatomy.IGNORE` voxels are left out."""
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
@@ -108,7 +109,13 @@ def validate(model: torch.nn.Module, cases: Sequence[dict], n_classes: int, patc
             nx, ny, nz = case["label"].shape[1:]
             pred = logits.argmax(1, keepdim=True)[..., :nx, :ny, :nz]
             ref = torch.from_numpy(case["label"].astype(np.int64))[None].to(device)
-            rows.append(metric(one_hot(pred, n_classes), one_hot(ref, n_classes))[0].float().cpu().numpy())
+            unlabelled = ref == anatomy.IGNORE
+            pred = torch.where(unlabelled, torch.zeros_like(pred), pred)
+            ref = torch.where(unlabelled, torch.zeros_like(ref), ref)
+            row = metric(one_hot(pred, n_classes), one_hot(ref, n_classes))[0].float().cpu().numpy()
+            if "classes" in case:
+                row = np.where(np.asarray(case["classes"])[1:] > 0.5, row, np.nan)
+            rows.append(row)
     model.train()
     return np.stack(rows) if rows else np.zeros((0, n_classes - 1))
 
@@ -177,7 +184,10 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         batch: patches per step (per process).
         lr, weight_decay: AdamW; the learning rate decays as (1 - progress)^0.9, progress being
             epoch/epochs or, with ``time_limit_min``, the larger of that and the fraction of time used.
-        loss: ``dicece`` (MONAI DiceCELoss) or ``dicefocal`` (DiceFocalLoss, the seed's).
+        loss: ``dicece`` (Dice + cross-entropy) or ``dicefocal`` (Dice + softmax focal), both marginal
+            partial-label losses (:class:`legcomp.training.losses.PartialLabelLoss`): label voxels
+            :data:`legcomp.anatomy.IGNORE` are left out, and a structure a study's label record lists as
+            unlabelled is merged with background for that study's patches instead of learnt as background.
         seed: seeds the split, weights, patch sampling and augmentation.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
         amp: bfloat16 autocast on CUDA (ignored on CPU).
@@ -203,8 +213,9 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         Summary dict: paths written, best epoch, best validation DSC per structure, timings.
     """
     from monai.data import CacheDataset, DataLoader, ThreadDataLoader, set_track_meta
-    from monai.losses import DiceCELoss, DiceFocalLoss
     from tqdm.auto import tqdm
+
+    from legcomp.training.losses import PartialLabelLoss, all_classes
 
     region = anatomy.check_region(region)
     stage = int(stage)
@@ -278,7 +289,9 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         det, rnd = D.build_transforms(stage, n_classes, patch_sz, device=data_device, augment=augment)
         from monai.transforms import Compose
 
-        ds = CacheDataset([{"image": c["image"], "label": c["label"]} for c in train_cases],
+        ds = CacheDataset([{"image": c["image"], "label": c["label"],
+                            "classes": np.asarray(c.get("classes", np.ones(n_classes)), np.float32)}
+                           for c in train_cases],
                           transform=Compose(list(det.transforms) + list(rnd.transforms)), cache_rate=1.0,
                           num_workers=None if data_device is None else 0, progress=False,
                           copy_cache=False)
@@ -298,7 +311,7 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
         if distributed and dev.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        loss_fn = (DiceCELoss if loss == "dicece" else DiceFocalLoss)(to_onehot_y=True, softmax=True, batch=True)
+        loss_fn = PartialLabelLoss(loss)
 
         # ---- resume
         start_epoch, best, best_epoch, best_dsc, since_best, rows = 0, -1.0, -1, {}, 0, []
@@ -388,10 +401,12 @@ def train(data_dir: str | Path, *, stage: int, region: str, out: str | Path, fol
             for item in bar:
                 x = item["image"].to(dev, non_blocking=True)
                 y = item["label"].to(dev, non_blocking=True)
+                cls = (torch.as_tensor(item["classes"]).to(dev, non_blocking=True) if "classes" in item
+                       else all_classes(x.shape[0], n_classes, dev))
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = net(x)
-                lval = loss_fn(logits.float(), y.long())
+                lval = loss_fn(logits.float(), y.long(), cls)
                 lval.backward()
                 opt.step()
                 losses.append(float(lval.detach()))
