@@ -14,7 +14,10 @@ from legcomp.preprocessing import inputs as prep
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the training options to ``parser`` (shared by legcomp's CLI and ``python -m legcomp.training``)."""
     p = parser
-    p.add_argument("--data", required=True, help="folder of labelled studies (e.g. a phantom cohort)")
+    p.add_argument("--data", required=True,
+                   help="folder of labelled studies (e.g. a phantom cohort); label value 255 = no label (left out "
+                   "of the loss), and a study's label_record.json lists structures it leaves unlabelled "
+                   '(e.g. {"stage2": {"unlabelled": ["adductor_longus"]}}), which are then not learnt as background')
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: background/SAT/whole muscle; 2: individual muscles")
     p.add_argument("--region", choices=("thigh", "calf"), required=True)
@@ -28,7 +31,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="patch size in voxels (default 128 128 32 for stage 1, 128 128 48 for stage 2)")
     p.add_argument("--batch", type=int, default=2, help="patches per step per process (default 2)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--loss", choices=("dicece", "dicefocal"), default="dicece")
+    p.add_argument("--loss", choices=("dicece", "dicefocal"), default="dicece",
+                   help="Dice + cross-entropy (default) or Dice + softmax focal, both partial-label (marginal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bfloat16 autocast on CUDA")
