@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   legcomp run study_folder/ --out results/          segment and quantify one study (or a cohort folder)
   legcomp info study_folder/                        what legcomp finds in a folder (NIfTI or DICOM)
   legcomp phantom --region thigh --n 3 --out ph/    synthetic Dixon legs with exact ground truth
+  legcomp synth --labels map.nii.gz --mapping labels.json --n 5 --out syn/
+                                                    Dixon legs synthesised from a real muscle label map
   legcomp labels --region calf --json               the label table
   legcomp prepare labelled/ --labels experts.nii.gz --region thigh --out train/
                                                     your muscle labels -> studies for legcomp train
@@ -78,6 +80,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         for k, v in info.items():
             print(f"{k:18s} {v}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from legcomp import phantom
+    opts: dict = {"geometry": not args.no_geometry, "supersample": args.supersample}
+    if args.spacing is not None:
+        opts["spacing"] = args.spacing
+    folders = phantom.synth_cohort(args.labels, args.mapping, args.n, args.seed, args.out, region=args.region,
+                                   z_range=args.slices, progress=not args.quiet, **opts)
+    if args.preview:
+        for f in folders:
+            phantom.save_preview(f, f / "preview.png")
+    for f in folders:
+        print(f)
     return 0
 
 
@@ -189,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--swap", action="store_true", help="simulate a fat-water swap artefact")
     sp.add_argument("--randomize", action="store_true", help="domain-randomised appearance and geometry")
     sp.add_argument("--preview", action="store_true", help="also write preview.png in each subject folder")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sp = add("synth", cmd_synth, "synthesise two-point Dixon legs from a real muscle label map (exact labels)")
+    sp.add_argument("--labels", required=True, help="muscle label map (NIfTI)")
+    sp.add_argument("--mapping", required=True,
+                    help="JSON mapping the map's ids to legcomp names ({'region':..., 'map': {id: name or null}}); "
+                    "null ids are bone when their foreign name says so, other muscle otherwise")
+    sp.add_argument("--region", default=None, help="thigh or calf (default: the mapping's region)")
+    sp.add_argument("--n", type=int, default=1, help="number of studies (default 1)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the first study; study i uses seed+i")
+    sp.add_argument("--out", required=True, help="output folder (one sub-folder per study)")
+    sp.add_argument("--slices", type=_ints(2), default=None, metavar="FIRST,LAST",
+                    help="use only these slices of the map (inclusive, file order), e.g. where its labels are reliable")
+    sp.add_argument("--spacing", type=_floats(3), default=None,
+                    help="voxel size x,y,z in mm (default: drawn, in-plane 0.7-2, slices 3-25)")
+    sp.add_argument("--supersample", type=int, default=2, help="sub-voxels per in-plane axis (default 2)")
+    sp.add_argument("--no-geometry", action="store_true",
+                    help="keep the map's pose and muscle sizes (no rotation, scaling, warp, coverage crop)")
+    sp.add_argument("--preview", action="store_true", help="also write preview.png in each study folder")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     fat_help = "fat-voxel rule: seed (default: min-max normalised fat >= 0.1), ff:T, sat:T or abs:V"

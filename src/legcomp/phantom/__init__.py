@@ -29,9 +29,15 @@ What is not modelled
     separate structures, nerves, muscle fibre direction beyond z-elongated texture, T2*/multi-peak
     fat spectrum, phase errors other than the swap blob, chemical-shift displacement, motion other
     than ghosts, coil-array noise correlation, oedema, intramuscular vessels.
+
+Real anatomy
+    :mod:`legcomp.phantom.synth` (``legcomp synth``) renders the same signal model on anatomy taken
+    from a real muscle label map (SynthSeg-style), with the tissues the map lacks built from it.
 """
 
 from legcomp.phantom.generator import DEFAULT_FOV_MM, Phantom, generate, generate_cohort, write_phantom
 from legcomp.phantom.preview import save_preview
+from legcomp.phantom.synth import load_source, synth_cohort, synthesize
 
-__all__ = ["Phantom", "generate", "write_phantom", "generate_cohort", "save_preview", "DEFAULT_FOV_MM"]
+__all__ = ["Phantom", "generate", "write_phantom", "generate_cohort", "save_preview", "DEFAULT_FOV_MM",
+           "load_source", "synthesize", "synth_cohort"]

@@ -59,6 +59,8 @@ class Phantom:
     seed: int
     options: dict = field(default_factory=dict)
     truth: dict = field(default_factory=dict)
+    label_record: dict = field(default_factory=dict)
+    name_override: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -72,8 +74,8 @@ class Phantom:
 
     @property
     def name(self) -> str:
-        """Subject name as used for folders: ``{region}_{seed:05d}``."""
-        return f"{self.region}_{self.seed:05d}"
+        """Subject name as used for folders: ``{region}_{seed:05d}`` (synthesised studies name their source)."""
+        return self.name_override or f"{self.region}_{self.seed:05d}"
 
     def to_study(self):
         """The phantom as a :class:`legcomp.io.study.DixonStudy` (labels included), without writing files."""
@@ -338,8 +340,10 @@ def _stats(vol: float, fat_ml: float, label_ml: float | None = None) -> dict:
 
 
 def _truth(region: str, counts: np.ndarray, ffsum: np.ndarray, sub_ml: float, stage1: np.ndarray,
-           stage2: np.ndarray, legmap: np.ndarray, vox_ml: float, mfat) -> dict:
-    """Exact per-leg volumes (mL) and fat (mL, fraction) from the supersampled model and the label maps."""
+           stage2: np.ndarray, legmap: np.ndarray, vox_ml: float, mfat,
+           inter_codes: tuple = (FASCIA, IMAT, VESSEL)) -> dict:
+    """Exact per-leg volumes (mL) and fat (mL, fraction) from the supersampled model and the label maps;
+    ``inter_codes``: tissue codes of whole muscle outside the individual muscles."""
     muscles = anatomy.MUSCLES[region]
     lab_counts = np.bincount((legmap.astype(np.int64) * 64 + stage2).ravel(), minlength=3 * 64).reshape(3, 64)
     s1_counts = np.bincount((legmap.astype(np.int64) * 4 + stage1).ravel(), minlength=12).reshape(3, 4)
@@ -359,7 +363,7 @@ def _truth(region: str, counts: np.ndarray, ffsum: np.ndarray, sub_ml: float, st
             d["muscles"][lab.name] = e
         mus_v = sum(v["volume_ml"] for v in d["muscles"].values())
         mus_f = sum(v["fat_volume_ml"] for v in d["muscles"].values())
-        inter = [FASCIA, IMAT, VESSEL]
+        inter = list(inter_codes)
         inter_v, inter_f = float(vol[inter].sum()), float(fatv[inter].sum())
         d["whole_muscle"] = _stats(mus_v + inter_v, mus_f + inter_f,
                                    float(s1_counts[leg_id, anatomy.WHOLE_MUSCLE.id] * vox_ml))
@@ -422,6 +426,8 @@ def write_phantom(ph: Phantom, folder: str | os.PathLike) -> Path:
             arr = arr.astype(np.uint8 if name in ("stage1", "stage2", "legs") else np.float32)
             _save(arr, ph.affine, tmp / f"{name}.nii.gz")
         (tmp / "truth.json").write_text(json.dumps(ph.truth, indent=1, default=_json_default))
+        if ph.label_record:
+            (tmp / anatomy.LABEL_RECORD).write_text(json.dumps(ph.label_record, indent=1))
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)

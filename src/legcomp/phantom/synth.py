@@ -1,0 +1,557 @@
+"""Dixon legs synthesised from real muscle label maps (SynthSeg-style, Billot et al. 2023).
+
+A real label map gives the muscles' shapes and layout; the tissues it lacks are built from it
+(deep fascia as the muscles' outer envelope, bone in the holes the muscles leave, intermuscular fat
+in the gaps and septa, deep vessels, subcutaneous fat of random thickness, skin), the geometry is
+randomised (rotation, per-axis scaling, smooth elastic warp, single muscles' atrophy/hypertrophy,
+resolution, slice thickness and gaps, coverage), and the result is rendered with the phantom's one
+Dixon signal model (:func:`legcomp.phantom.generator.render`, :mod:`legcomp.phantom.signal`):
+per-tissue PD and fat fraction, per-muscle infiltration from none to marbled end stage, partial
+volume, bias field, Rician noise. The output is a :class:`~legcomp.phantom.generator.Phantom` with
+exact labels, plus a label record naming the structures the source map does not label.
+
+Arrays are (x, y, z) RAS+ like the phantom's; mm throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from legcomp import anatomy
+from legcomp.errors import LegcompInputError
+from legcomp.phantom import shapes
+from legcomp.phantom import signal as sig
+from legcomp.phantom.generator import Phantom, _lut, _truth, render
+from legcomp.phantom.shapes import (BG, CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, SAT, SAT_VESSEL, SKIN,
+                                    VESSEL)
+
+OTHER_MUSCLE = LEG_STRIDE - 1
+"""Tissue code of muscle that is none of the region's muscles (hip muscles, or a muscle the source
+does not label): muscle signal, whole muscle in stage 1, background in stage 2."""
+
+_BONE_WORDS = re.compile(r"femur|tibia|fibula|ilium|sacrum|patella|bone|pelvis|ischium|pubis", re.IGNORECASE)
+
+
+@dataclass
+class SourceMap:
+    """A real label map mapped to legcomp's tissue codes (one leg's codes, no leg offset).
+
+    Attributes:
+        codes: uint8 (x, y, z) RAS+: ``MUSCLE0 + id`` for the region's muscles, :data:`OTHER_MUSCLE`,
+            :data:`~legcomp.phantom.shapes.MARROW` where the map labels bone, 0 elsewhere.
+        affine: 4x4 voxel-to-world (mm) of ``codes``.
+        region: ``thigh`` or ``calf``.
+        name: source stem (for study names).
+        unlabelled: region muscles the map does not label (names).
+        has_bone: the map labels bone.
+    """
+
+    codes: np.ndarray
+    affine: np.ndarray
+    region: str
+    name: str
+    unlabelled: list = field(default_factory=list)
+    has_bone: bool = False
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size (mm) along x, y, z."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+def load_mapping(path: str | Path) -> dict:
+    """Read a mapping JSON (``{"region": ..., "map": {foreign id: legcomp name or null}, "foreign_names": ...}``)
+    as the ``labels.json`` files of ``shared/realdata`` hold it; a flat ``{id: name}`` dict works too."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LegcompInputError(f"cannot read the label mapping: {exc}", path) from None
+    if not isinstance(d, dict):
+        raise LegcompInputError("label mapping must be a JSON object", path)
+    if "map" not in d:
+        d = {"map": d}
+    return d
+
+
+def load_source(label_map: str | Path, mapping: str | Path | dict, region: str | None = None,
+                z_range: tuple[int, int] | None = None) -> SourceMap:
+    """Read a label map and translate its ids to tissue codes.
+
+    Args:
+        label_map: NIfTI label map (any orientation; read in RAS+).
+        mapping: mapping JSON path or dict (see :func:`load_mapping`). Ids mapped to null are bone
+            when their foreign name says so (femur, tibia, ...), other muscle otherwise.
+        region: ``thigh``/``calf``; default the mapping's ``region``.
+        z_range: (first, last) slice (inclusive, in the file's own slice order) to keep.
+    """
+    label_map = Path(label_map)
+    mp = load_mapping(mapping) if not isinstance(mapping, dict) else mapping
+    region = anatomy.check_region(region or mp.get("region") or "")
+    try:
+        img = nib.load(str(label_map))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises several kinds
+        raise LegcompInputError(f"cannot read the label map: {exc}", label_map) from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3 or not np.isfinite(data).all():
+        raise LegcompInputError(f"label map must be a finite 3D array, got shape {data.shape}", label_map)
+    data = np.rint(data).astype(np.int64)
+    if z_range is not None:
+        data = data[:, :, int(z_range[0]):int(z_range[1]) + 1]
+        aff = img.affine.copy()
+        aff[:3, 3] = img.affine[:3, :3] @ [0, 0, int(z_range[0])] + img.affine[:3, 3]
+    else:
+        aff = img.affine
+    ornt = nib.io_orientation(aff)
+    data = nib.orientations.apply_orientation(data, ornt)
+    aff = aff @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    names = {lab.name: lab.id for lab in anatomy.MUSCLES[region]}
+    foreign = mp.get("foreign_names", {})
+    lut: dict[int, int] = {}
+    for k, v in mp["map"].items():
+        fid = int(k)
+        if v is None:
+            lut[fid] = MARROW if _BONE_WORDS.search(str(foreign.get(k, ""))) else OTHER_MUSCLE
+        elif v in names:
+            lut[fid] = MUSCLE0 + names[v]
+        else:
+            raise LegcompInputError(f"mapping names {v!r}, which is no {region} muscle", label_map)
+    ids = np.unique(data)
+    unknown = [int(i) for i in ids if i and int(i) not in lut]
+    if unknown:
+        raise LegcompInputError(f"label ids {unknown[:8]} are not in the mapping", label_map)
+    table = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.uint8)
+    for fid, code in lut.items():
+        if fid < table.size:
+            table[fid] = code
+    codes = table[np.clip(data, 0, None)]
+    present = {int(c) - MUSCLE0 for c in np.unique(codes) if MUSCLE0 < c < OTHER_MUSCLE}
+    unlabelled = [lab.name for lab in anatomy.MUSCLES[region] if lab.id not in present]
+    if not present:
+        raise LegcompInputError(f"no {region} muscle in the label map after mapping", label_map)
+    stem = re.sub(r"\.nii(\.gz)?$", "", label_map.name)
+    return SourceMap(codes=codes.astype(np.uint8), affine=aff, region=region, name=stem, unlabelled=unlabelled,
+                     has_bone=bool((codes == MARROW).any()))
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+def _disk(radius_mm: float, sx: float, sy: float) -> np.ndarray:
+    """2D disk footprint (x, y, 1) of ``radius_mm`` on an (sx, sy) mm grid."""
+    rx, ry = max(1, int(radius_mm / sx)), max(1, int(radius_mm / sy))
+    gx, gy = np.mgrid[-rx:rx + 1, -ry:ry + 1]
+    return ((gx * sx) ** 2 + (gy * sy) ** 2 <= radius_mm ** 2)[:, :, None]
+
+
+def _edt2d(mask: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """In-plane Euclidean distance (mm) of every voxel of ``mask`` to the nearest voxel outside it."""
+    return ndimage.distance_transform_edt(mask, sampling=(sx, sy, 1e6)).astype(np.float32)
+
+
+def _split_legs(fg: np.ndarray) -> np.ndarray:
+    """Leg ids (1 left = low x, 2 right = high x, RAS+) of foreground voxels: per slice, two clusters in x."""
+    legs = np.zeros(fg.shape, np.uint8)
+    xs_all = np.nonzero(fg.any(axis=(1, 2)))[0]
+    if xs_all.size == 0:
+        return legs
+    global_split = 0.5 * (xs_all.min() + xs_all.max())
+    for k in range(fg.shape[2]):
+        x = np.nonzero(fg[:, :, k])[0]
+        split = global_split
+        if x.size > 50:
+            a, b = np.percentile(x, 25), np.percentile(x, 75)
+            for _ in range(10):  # 2-means in x
+                split = 0.5 * (a + b)
+                lo, hi = x[x <= split], x[x > split]
+                if lo.size == 0 or hi.size == 0:
+                    split = global_split
+                    break
+                a, b = lo.mean(), hi.mean()
+            if abs(split - global_split) > 0.25 * (xs_all.max() - xs_all.min()):
+                split = global_split  # one leg only on this slice
+        col = np.where(np.arange(fg.shape[0]) <= split, 1, 2).astype(np.uint8)
+        legs[:, :, k] = np.where(fg[:, :, k], col[:, None], 0)
+    return legs
+
+
+def _resize_muscles(codes: np.ndarray, sx: float, sy: float, rng: np.random.Generator, max_mm: float) -> np.ndarray:
+    """Single muscles' atrophy / hypertrophy: each muscle eroded or dilated (into background) by up to ``max_mm``."""
+    out = codes.copy()
+    for c in [int(c) for c in np.unique(codes) if MUSCLE0 < c < OTHER_MUSCLE]:
+        if rng.random() < 0.4:
+            continue
+        r = float(rng.uniform(-max_mm, max_mm))
+        m = codes == c
+        if r < 0:
+            out[m & (_edt2d(m, sx, sy) <= -r)] = BG
+        elif r > 0:
+            grow = (_edt2d(~m, sx, sy) <= r) & (out == BG)
+            out[grow] = c
+    return out
+
+
+def _components_2d(mask2d: np.ndarray) -> tuple[np.ndarray, int]:
+    return ndimage.label(mask2d)
+
+
+def _pick_bones(gaps: np.ndarray, codes_leg: np.ndarray, sx: float, sy: float, region: str) -> np.ndarray:
+    """Bone (bool, (x, y) slice) among the compact, thick gaps that the muscles of one leg leave:
+    the femur (thigh), the tibia and fibula (calf)."""
+    core = ndimage.binary_opening(gaps, structure=_disk(2.5, sx, sy)[:, :, 0])
+    lab, n = _components_2d(core)
+    if n == 0:
+        return np.zeros_like(gaps)
+    idx = np.arange(1, n + 1)
+    area = ndimage.sum_labels(np.ones_like(lab), lab, idx) * sx * sy
+    inner = _edt2d(core[:, :, None], sx, sy)[:, :, 0]
+    rmax = ndimage.maximum(inner, lab, idx)  # radius of the largest inscribed disk, mm
+    compact = np.pi * np.asarray(rmax) ** 2 / np.maximum(area, 1e-6)  # 1 for a disk, small for slivers
+    min_area, n_bones = (150.0, 1) if region == "thigh" else (25.0, 2)
+    ok = (area >= min_area) & (compact >= 0.3)
+    chosen = idx[ok][np.argsort(-(area[ok] * compact[ok]))][:n_bones]
+    bone = np.isin(lab, chosen)
+    return ndimage.binary_dilation(bone, structure=_disk(2.5, sx, sy)[:, :, 0]) & gaps
+
+
+def _at_least(src: SourceMap, mm: float) -> SourceMap:
+    """The source resampled (nearest) in-plane to voxels of at least ``mm`` (bounds the cost)."""
+    sp = src.spacing
+    f = [min(1.0, float(sp[a]) / mm) for a in (0, 1)]
+    if min(f) >= 1.0:
+        return src
+    codes = ndimage.zoom(src.codes, (f[0], f[1], 1.0), order=0, grid_mode=True, mode="grid-constant")
+    aff = src.affine.copy()
+    scale = np.array([src.codes.shape[0] / codes.shape[0], src.codes.shape[1] / codes.shape[1], 1.0])
+    aff[:3, :3] = src.affine[:3, :3] * scale
+    aff[:3, 3] = src.affine[:3, :3] @ ((scale - 1) / 2) + src.affine[:3, 3]  # same field of view
+    return SourceMap(codes=codes, affine=aff, region=src.region, name=src.name, unlabelled=src.unlabelled,
+                     has_bone=src.has_bone)
+
+
+def _thin_z(src: SourceMap, dz_out: float, rng: np.random.Generator | None, min_mm: float = 90.0) -> SourceMap:
+    """A source of thin slices thinned to about half the output slice spacing, and (with ``rng``, half the
+    time) cut to a random window of at least ``min_mm``: the cost follows the output, not the source."""
+    step = max(1, int(dz_out / (2.0 * float(src.spacing[2]))))
+    codes, first = src.codes, 0
+    nz = codes.shape[2]
+    if rng is not None and rng.random() < 0.5:
+        keep = min(nz, max(int(np.ceil(min_mm / float(src.spacing[2]))), int(rng.uniform(0.4, 1.0) * nz)))
+        first = int(rng.integers(0, nz - keep + 1))
+        codes = codes[:, :, first:first + keep]
+    if step == 1 and first == 0 and codes.shape[2] == nz:
+        return src
+    codes = codes[:, :, ::step]
+    aff = src.affine.copy()
+    aff[:3, 2] = src.affine[:3, 2] * step
+    aff[:3, 3] = src.affine[:3, :3] @ [0, 0, first] + src.affine[:3, 3]
+    return SourceMap(codes=np.ascontiguousarray(codes), affine=aff, region=src.region, name=src.name,
+                     unlabelled=src.unlabelled, has_bone=src.has_bone)
+
+
+def _fill_gaps(codes2d: np.ndarray, free: np.ndarray, sx: float, sy: float, mm: float) -> None:
+    """Grow muscles (nearest muscle) into ``free`` voxels of one slice within ``mm`` of a muscle (in place):
+    closes the 1-2 voxel gaps that label maps leave between touching muscles."""
+    mus = codes2d > MUSCLE0
+    if mm <= 0 or not mus.any() or not free.any():
+        return
+    d, (ii, jj) = ndimage.distance_transform_edt(~mus, sampling=(sx, sy), return_indices=True)
+    sel = free & (d <= mm)
+    codes2d[sel] = codes2d[ii[sel], jj[sel]]
+
+
+def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float, resize_mm: float = 3.0,
+                  septa: float = 0.5, vessels: bool = True, tissue_mm: float = 0.9,
+                  fill_gaps_mm: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Complete the anatomy of a source map: every tissue the phantom knows, per leg.
+
+    The source is first brought to in-plane voxels of at least ``tissue_mm``; gaps between muscles up
+    to ``fill_gaps_mm`` wide (default: drawn, about two source voxels) are closed by the nearest muscle
+    before septa and intermuscular fat are drawn.
+
+    Returns:
+        (codes, gap, affine): fine codes with leg offset (uint8, ``code + LEG_STRIDE * (leg - 1)``) on the
+        source grid padded in-plane, mm from each voxel to the nearest muscle border (float32), and the
+        padded grid's affine.
+    """
+    src = _at_least(src, tissue_mm)
+    sx, sy, _ = (float(s) for s in src.spacing)
+    sat_mm = float(np.exp(rng.uniform(np.log(2.0), np.log(45.0)))) * (0.4 + 1.2 * adiposity)
+    pad = int(np.ceil((sat_mm * 1.6 + 15.0) / min(sx, sy)))
+    codes = np.pad(src.codes, ((pad, pad), (pad, pad), (0, 0)))
+    affine = src.affine.copy()
+    affine[:3, 3] = src.affine[:3, :3] @ [-pad, -pad, 0] + src.affine[:3, 3]
+    codes = _resize_muscles(codes, sx, sy, rng, resize_mm)
+    muscle = (codes > MUSCLE0) | (codes == MARROW)
+    legs = _split_legs(muscle)
+    out = np.zeros(codes.shape, np.uint8)
+    inside = np.zeros(codes.shape, np.uint8)  # leg id of the deep-fascia interior
+    unl_muscles = bool(src.unlabelled)
+    fill_mm = float(rng.uniform(0.5, 2.5) * max(sx, sy)) if fill_gaps_mm is None else float(fill_gaps_mm)
+    for leg in (1, 2):
+        m = legs == leg
+        if not m.any():
+            continue
+        env = ndimage.binary_closing(m, structure=_disk(float(rng.uniform(4.0, 7.0)), sx, sy), iterations=1)
+        env = ndimage.binary_fill_holes(env | m, structure=np.array([[[0], [1], [0]], [[1], [1], [1]], [[0], [1], [0]]],
+                                                                     bool))
+        inside[env & (inside == 0)] = leg
+    for leg in (1, 2):
+        env = inside == leg
+        if not env.any():
+            continue
+        gaps = env & (codes == BG)
+        bone = np.zeros_like(gaps)
+        if src.has_bone:
+            bone = env & (codes == MARROW)
+        else:
+            for k in range(codes.shape[2]):
+                if gaps[:, :, k].any():
+                    bone[:, :, k] = _pick_bones(gaps[:, :, k], codes[:, :, k], sx, sy, src.region)
+        leg_codes = np.where(env, codes, BG)
+        for k in range(codes.shape[2]):
+            _fill_gaps(leg_codes[:, :, k], gaps[:, :, k] & ~bone[:, :, k], sx, sy, fill_mm)
+        rest = env & (leg_codes == BG) & ~bone
+        leg_codes[leg_codes == MARROW] = BG
+        leg_codes[rest] = IMAT
+        if unl_muscles:  # thick gaps of a map that lacks muscles: most likely those muscles
+            thick = ndimage.binary_opening(rest, structure=_disk(3.0, sx, sy)) & (_edt2d(rest, sx, sy) > 1.5)
+            leg_codes[thick] = OTHER_MUSCLE
+        if bone.any():
+            cort = float(rng.uniform(1.5, 5.0))
+            leg_codes[bone] = MARROW
+            leg_codes[bone & (_edt2d(bone, sx, sy) <= cort)] = CORTEX
+        if vessels:
+            fat_gap = leg_codes == IMAT
+            d = _edt2d(fat_gap, sx, sy)
+            for _ in range(int(rng.integers(1, 4))):
+                cand = np.argwhere(d > 2.0)
+                if not len(cand):
+                    break
+                i, j, _k = cand[rng.integers(len(cand))]
+                r = float(rng.uniform(2.0, 4.5))
+                gx = (np.arange(codes.shape[0]) - i) * sx
+                gy = (np.arange(codes.shape[1]) - j) * sy
+                disk2 = (gx[:, None] ** 2 + gy[None, :] ** 2) <= r * r
+                leg_codes[disk2[:, :, None] & fat_gap] = VESSEL
+        out[env] = leg_codes[env] + np.uint8(LEG_STRIDE * (leg - 1)) * (leg_codes[env] > 0)
+    if septa > 0:  # intermuscular septa where two muscles touch: fat lines on some of the borders
+        foot = np.ones((3, 3, 1), bool)
+        is_m = (out % LEG_STRIDE) > MUSCLE0
+        mx = ndimage.maximum_filter(out, footprint=foot)
+        touch = (mx != ndimage.minimum_filter(out, footprint=foot)) & is_m & (out == mx) & \
+            ndimage.minimum_filter(is_m, footprint=foot)
+        sel = touch & (rng.random(out.shape) < septa)
+        out[sel] = IMAT + (out[sel] // LEG_STRIDE) * LEG_STRIDE
+    # deep fascia, SAT and skin outside the envelope; each voxel belongs to the nearest leg
+    body = inside > 0
+    fascia_mm = max(float(rng.uniform(0.6, 1.5)), min(sx, sy))  # at least one voxel of the tissue grid
+    skin_mm = float(rng.uniform(1.2, 2.5))
+    thick_field = sig.NoiseField(rng, ((0, codes.shape[0] * sx), (0, codes.shape[1] * sy), (0, codes.shape[2] * 50.0)),
+                                 step=(25.0, 25.0, 80.0), sigma_vox=(1.5, 1.5, 1.0))
+    xs_mm = np.arange(codes.shape[0]) * sx
+    ys_mm = np.arange(codes.shape[1]) * sy
+    post = float(rng.uniform(0.0, 0.6))  # extra SAT posteriorly (buttock / calf)
+    ygrad = (1.0 - ys_mm / max(ys_mm[-1], 1.0))[None, :]
+    for k in range(codes.shape[2]):
+        b = body[:, :, k]
+        if not b.any():
+            continue
+        d, (ii, jj) = ndimage.distance_transform_edt(~b, sampling=(sx, sy), return_indices=True)
+        near_leg = inside[ii, jj, k]
+        t = sat_mm * np.exp(0.35 * thick_field.slice(xs_mm, ys_mm, k * 50.0)) * (1.0 + post * ygrad)
+        ring = ~b
+        o = out[:, :, k]
+        off = (near_leg.astype(np.int64) - 1) * LEG_STRIDE
+        sel_f = ring & (d <= fascia_mm)
+        sel_s = ring & (d > fascia_mm) & (d <= fascia_mm + t)
+        sel_k = ring & (d > fascia_mm + t) & (d <= fascia_mm + t + skin_mm)
+        o[sel_f] = (FASCIA + off[sel_f]).astype(np.uint8)
+        o[sel_s] = (SAT + off[sel_s]).astype(np.uint8)
+        o[sel_k] = (SKIN + off[sel_k]).astype(np.uint8)
+        if rng.random() < 0.7:  # superficial veins in the SAT
+            for _ in range(int(rng.integers(1, 4))):
+                cand = np.argwhere(sel_s)
+                if not len(cand):
+                    break
+                i, j = cand[rng.integers(len(cand))]
+                r = float(rng.uniform(1.0, 2.5))
+                disk2 = ((xs_mm - xs_mm[i])[:, None] ** 2 + (ys_mm - ys_mm[j])[None, :] ** 2) <= r * r
+                v = disk2 & sel_s
+                o[v] = (SAT_VESSEL + off[v]).astype(np.uint8)
+        out[:, :, k] = o
+    # distance to the nearest muscle border (where infiltration starts), for the signal model
+    tissue = out % LEG_STRIDE
+    border = ndimage.maximum_filter(out, footprint=np.ones((3, 3, 1), bool)) != \
+        ndimage.minimum_filter(out, footprint=np.ones((3, 3, 1), bool))
+    gap = _edt2d(~(border | (tissue <= MUSCLE0)), sx, sy)
+    return out, gap, affine
+
+
+# --------------------------------------------------------------------------- synthesis
+
+def _rotation_z(theta: float) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, slice_thickness: float | None = None,
+               supersample: int = 2, geometry: bool = True, max_voxels: float = 4e7) -> Phantom:
+    """One two-leg Dixon study synthesised from a real label map.
+
+    Args:
+        source: the mapped label map (:func:`load_source`).
+        seed: identical seed and source give identical arrays.
+        spacing: output voxel size (mm); None draws in-plane 0.7-2 mm and slices 3-25 mm (never
+            thinner than the source's slices).
+        slice_thickness: slice thickness (mm) when thinner than the spacing (gaps); None draws it.
+        supersample: sub-voxels per in-plane axis (partial volume).
+        geometry: randomise pose, size, elastic warp, muscle sizes and coverage (False: source pose).
+        max_voxels: bound on the sub-voxels of one study (cost), met by lowering ``supersample``.
+    Returns:
+        :class:`~legcomp.phantom.generator.Phantom`; its ``label_record`` names the structures the
+        source does not label; ``truth`` holds exact volumes as for the template phantom.
+    """
+    region = source.region
+    ss = np.random.SeedSequence([int(seed), 7, sum(map(ord, source.name))])
+    rng_opt, rng_geo, rng_fat, rng_tis, rng_noise, rng_field = [np.random.default_rng(s) for s in ss.spawn(6)]
+    src_sp = source.spacing
+    opts: dict = {"source": source.name, "seed": int(seed)}
+    infiltration = float(rng_opt.choice([0.0, rng_opt.uniform(0, 0.3), rng_opt.uniform(0.2, 0.7),
+                                         rng_opt.uniform(0.6, 1.0)], p=[0.1, 0.25, 0.3, 0.35]))
+    adiposity = float(rng_opt.beta(1.6, 1.6))
+    opts.update(infiltration=infiltration, adiposity=adiposity,
+                snr=float(np.exp(rng_opt.uniform(np.log(8), np.log(80)))), bias=float(rng_opt.uniform(0.0, 0.7)),
+                blur=float(rng_opt.uniform(0.0, 0.8)), swap=bool(rng_opt.random() < 0.05),
+                mask_background=bool(rng_opt.random() < 0.3),
+                ghost=float(rng_opt.uniform(0.01, 0.05)) if rng_opt.random() < 0.2 else 0.0,
+                ringing=float(rng_opt.uniform(0.55, 0.9)) if rng_opt.random() < 0.25 else 0.0)
+    if spacing is None:
+        inplane = float(rng_opt.uniform(0.7, 2.0))
+        lo = max(3.0, 0.8 * float(src_sp[2]))
+        hi = max(25.0, lo)
+        dz = float(np.exp(rng_opt.uniform(np.log(lo), np.log(hi))))
+        spacing = (inplane, inplane, dz)
+    spacing = tuple(float(s) for s in spacing)
+    if slice_thickness is None and spacing[2] > 8.0 and rng_opt.random() < 0.5:
+        slice_thickness = float(rng_opt.uniform(3.0, min(10.0, spacing[2])))
+    thick = spacing[2] if slice_thickness is None else min(float(slice_thickness), spacing[2])
+    opts.update(spacing=list(spacing), slice_thickness=slice_thickness)
+
+    source = _thin_z(source, spacing[2], rng_geo if geometry else None)
+    codes, gap, src_aff = build_tissues(source, rng_geo, adiposity=adiposity,
+                                        resize_mm=3.0 if geometry else 0.0,
+                                        septa=float(rng_geo.uniform(0.0, 0.8)))
+    inv = np.linalg.inv(src_aff)
+    # pose: output mm -> source world mm (rotation about the slice axis, per-axis scaling, elastic warp)
+    theta = float(rng_geo.uniform(-0.25, 0.25)) if geometry else 0.0
+    scale = rng_geo.uniform([0.85, 0.85, 0.9], [1.15, 1.15, 1.1]) if geometry else np.ones(3)
+    lin = _rotation_z(theta) @ np.diag(1.0 / scale)
+    fg = np.argwhere(codes > 0)
+    lo_v, hi_v = fg.min(0), fg.max(0)
+    centre = (src_aff @ np.r_[(lo_v + hi_v) / 2.0, 1.0])[:3]
+    corners = np.array([[a, b, c] for a in (lo_v[0], hi_v[0]) for b in (lo_v[1], hi_v[1]) for c in (lo_v[2], hi_v[2])])
+    world = (src_aff[:3, :3] @ corners.T).T + src_aff[:3, 3]
+    out_pts = (np.linalg.inv(lin) @ (world - centre).T).T  # extent of the anatomy in the output frame
+    half = np.abs(out_pts).max(0)
+    margin = rng_geo.uniform(3.0, 30.0, 2) if geometry else np.array([10.0, 10.0])
+    fov_xy = 2 * (half[:2] + margin)
+    zext = 2 * half[2]
+    if geometry and rng_geo.random() < 0.5:  # coverage: part of the labelled length only
+        zlen = float(rng_geo.uniform(min(90.0, zext), zext))
+        zoff = float(rng_geo.uniform(-(zext - zlen) / 2, (zext - zlen) / 2))
+    else:
+        zlen, zoff = zext, 0.0
+    matrix = (max(8, int(round(fov_xy[0] / spacing[0]))), max(8, int(round(fov_xy[1] / spacing[1]))),
+              max(1, int(np.floor(zlen / spacing[2])) + 1))
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = [-(matrix[0] - 1) / 2 * spacing[0], -(matrix[1] - 1) / 2 * spacing[1],
+                  zoff - (matrix[2] - 1) / 2 * spacing[2]]
+    s_xy = int(supersample)
+    s_z = max(1, min(4, int(np.ceil(thick / max(float(src_sp[2]), 2.5)))))
+    while s_xy > 1 and matrix[0] * matrix[1] * matrix[2] * s_xy * s_xy * s_z > max_voxels:
+        s_xy -= 1
+    opts.update(matrix=list(matrix), supersample_xyz=[s_xy, s_xy, s_z], rotation_deg=round(np.degrees(theta), 2),
+                scale=[round(float(v), 3) for v in scale])
+    amp = float(rng_geo.uniform(0.0, 4.0)) if geometry else 0.0
+    ext = ((aff[0, 3] - 50, aff[0, 3] + matrix[0] * spacing[0] + 50), (aff[1, 3] - 50, aff[1, 3] + matrix[1] * spacing[1] + 50),
+           (aff[2, 3] - 50, aff[2, 3] + matrix[2] * spacing[2] + 50))
+    warp = [sig.NoiseField(rng_geo, ext, step=(20.0, 20.0, 60.0), sigma_vox=(1.5, 1.5, 1.0)) for _ in range(2)]
+    shape = np.array(codes.shape)
+
+    def anatomy_slice(xs: np.ndarray, ys: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+        px = np.broadcast_to(xs[:, None], (xs.size, ys.size))
+        py = np.broadcast_to(ys[None, :], (xs.size, ys.size))
+        if amp > 0:
+            px = px + amp * warp[0].slice(xs, ys, z)
+            py = py + amp * warp[1].slice(xs, ys, z)
+        q = centre[:, None, None] + np.tensordot(lin, np.stack([px, py, np.full(px.shape, z)]), axes=1)
+        v = np.tensordot(inv[:3, :3], q, axes=1) + inv[:3, 3][:, None, None]
+        idx = np.rint(v).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < shape[:, None, None]), axis=0)
+        i, j, k = (np.where(ok, idx[a], 0) for a in range(3))
+        return np.where(ok, codes[i, j, k], 0).astype(np.uint8), np.where(ok, gap[i, j, k], 1e3).astype(np.float32)
+
+    spec = shapes.REGION_SPECS[region]
+    mfat = sig.sample_muscle_fat(region, rng_fat, infiltration, spec.susceptibility, True)
+    other = OTHER_MUSCLE
+    for leg in (0, 1):  # muscle the region's list does not hold: its own healthy-to-infiltrated fat
+        c = LEG_STRIDE * leg + other
+        mfat.base[c] = rng_fat.uniform(0.02, 0.08)
+        mfat.diffuse[c] = rng_fat.uniform(0.0, 0.3) * infiltration
+        mfat.frac[c] = float(np.clip(rng_fat.uniform(0, 1) * infiltration, 0, 1))
+        mfat.alpha[c] = rng_fat.uniform(0, 2 * np.pi)
+        mfat.target[c] = mfat.base[c] + mfat.diffuse[c]
+    tp = sig.random_tissue_params(rng_tis)
+    muscle_codes = np.r_[MUSCLE0 + np.arange(1, len(anatomy.MUSCLES[region]) + 1), other]
+    water, fat, fine_lab, counts, ffsum, app = render(anatomy_slice, aff, matrix, thick, s_xy, s_z, tp, mfat,
+                                                      muscle_codes, rng_field)
+    stage1 = _lut("stage1", region)[fine_lab]
+    stage2 = _lut("stage2", region)[fine_lab]
+    legmap = _lut("legs", region)[fine_lab]
+    water, fat = sig.acquire(water, fat, legmap, spacing, opts, app, rng_noise)
+    sub_ml = float(np.prod(spacing)) / (s_xy * s_xy * s_z) / 1000.0
+    truth = _truth(region, counts, ffsum, sub_ml, stage1, stage2, legmap, float(np.prod(spacing)) / 1000.0, mfat,
+                   inter_codes=(FASCIA, IMAT, VESSEL, other))
+    truth = {"region": region, "seed": int(seed), "options": opts, **truth}
+    record = {"source": source.name, "stage1": {"unlabelled": []},
+              "stage2": {"unlabelled": list(source.unlabelled)}}
+    truth["label_record"] = record
+    return Phantom(water=water, fat=fat, in_phase=(water + fat).astype(np.float32),
+                   opposed_phase=np.abs(water - fat).astype(np.float32), stage1=stage1, stage2=stage2, legs=legmap,
+                   affine=aff, region=region, seed=int(seed), options=opts, truth=truth, label_record=record,
+                   name_override=f"{region}_synth_{_safe(source.name)}_{int(seed):05d}")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:60] or "map"
+
+
+def synth_cohort(label_map: str | Path, mapping: str | Path | dict, n: int, seed: int, out: str | Path, *,
+                 region: str | None = None, z_range: tuple[int, int] | None = None, progress: bool = True,
+                 **options) -> list[Path]:
+    """Synthesise ``n`` studies (seeds ``seed`` .. ``seed + n - 1``) from one label map and write them
+    into ``out/<region>_synth_<source>_<seed>`` (study folders as :func:`legcomp.phantom.write_phantom`
+    writes them, plus ``label_record.json``)."""
+    from tqdm.auto import tqdm
+
+    from legcomp.phantom.generator import write_phantom
+
+    if int(n) < 1:
+        raise LegcompInputError(f"n must be >= 1, got {n!r}")
+    src = load_source(label_map, mapping, region, z_range)
+    out = Path(out)
+    paths = []
+    for i in tqdm(range(int(n)), desc=f"synth {src.name}", disable=not progress):
+        ph = synthesize(src, int(seed) + i, **options)
+        out.mkdir(parents=True, exist_ok=True)
+        paths.append(write_phantom(ph, out / ph.name))
+    return paths

@@ -1,0 +1,147 @@
+"""Tests of Dixon legs synthesised from a real muscle label map (``legcomp synth``), on tiny maps."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from legcomp import anatomy
+from legcomp.cli import main
+from legcomp.errors import LegcompInputError
+from legcomp.io import read_study
+from legcomp.phantom import generate, load_source, synth_cohort, synthesize
+from legcomp.phantom.shapes import CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, SAT, SKIN
+from legcomp.phantom.synth import OTHER_MUSCLE, build_tissues
+
+SP = (3.0, 3.0, 10.0)
+FOREIGN = 100  # foreign ids: FOREIGN + legcomp id, so that a mapping must be applied
+
+
+@pytest.fixture(scope="module")
+def source_files(tmp_path_factory):
+    """A label map with foreign ids (the muscles of a small template thigh; gluteus maximus as a
+    hip muscle mapped to null) and its mapping JSON."""
+    d = tmp_path_factory.mktemp("src")
+    ph = generate("thigh", 3, spacing=SP, matrix=(144, 96, 10), supersample=1, infiltration=0.0)
+    lab = np.where(ph.stage2 > 0, ph.stage2.astype(np.int16) + FOREIGN, 0).astype(np.int16)
+    nib.save(nib.Nifti1Image(lab, ph.affine), str(d / "map.nii.gz"))
+    gm = anatomy.label_by_name("gluteus_maximus", "thigh").id
+    mp = {"region": "thigh",
+          "map": {str(FOREIGN + lb.id): (None if lb.id == gm else lb.name) for lb in anatomy.THIGH_MUSCLES},
+          "foreign_names": {str(FOREIGN + gm): "Gluteus maximus (hip)"}}
+    (d / "labels.json").write_text(json.dumps(mp))
+    return d / "map.nii.gz", d / "labels.json", ph
+
+
+@pytest.fixture(scope="module")
+def synth(source_files):
+    lm, mp, _ = source_files
+    return synthesize(load_source(lm, mp), 5, spacing=SP, supersample=1, geometry=False)
+
+
+def test_source_mapping_and_record(source_files):
+    lm, mp, ph = source_files
+    src = load_source(lm, mp)
+    assert src.region == "thigh"
+    gm = anatomy.label_by_name("gluteus_maximus", "thigh")
+    present = {lb.name for lb in anatomy.THIGH_MUSCLES if (ph.stage2 == lb.id).any() and lb.id != gm.id}
+    assert set(src.unlabelled) == {lb.name for lb in anatomy.THIGH_MUSCLES} - present
+    assert gm.name in src.unlabelled
+    # a hip muscle mapped to null is still muscle (other muscle), never a stage-2 label
+    if (ph.stage2 == gm.id).any():
+        assert (src.codes[ph.stage2 == gm.id] == OTHER_MUSCLE).all()
+
+
+def test_every_tissue_is_built(source_files):
+    lm, mp, _ = source_files
+    src = load_source(lm, mp)
+    codes, gap, _ = build_tissues(src, np.random.default_rng(0), adiposity=0.5, resize_mm=0.0)
+    tissue = codes % LEG_STRIDE
+    for t in (SKIN, SAT, FASCIA, IMAT, CORTEX, MARROW):
+        assert (tissue == t).any(), f"tissue {t} missing"
+    legs = codes // LEG_STRIDE
+    assert set(np.unique(legs[codes > 0])) == {0, 1}  # both legs
+    assert np.isfinite(gap).all() and gap.min() >= 0
+
+
+def test_truth_consistent_with_labels(synth):
+    ph = synth
+    assert ph.water.shape == ph.stage1.shape == ph.stage2.shape == ph.legs.shape
+    np.testing.assert_allclose(ph.in_phase, ph.water + ph.fat, rtol=1e-6)
+    # every muscle label lies in stage-1 whole muscle, in a leg
+    assert (ph.stage1[ph.stage2 > 0] == anatomy.WHOLE_MUSCLE.id).all()
+    assert (ph.legs[ph.stage1 > 0] > 0).all()
+    vox = float(np.prod(ph.spacing)) / 1000
+    for leg_id, leg in anatomy.LEGS.items():
+        t = ph.truth["legs"][leg]
+        for lb in anatomy.THIGH_MUSCLES:
+            n = int(((ph.stage2 == lb.id) & (ph.legs == leg_id)).sum())
+            assert t["muscles"][lb.name]["label_volume_ml"] == pytest.approx(n * vox)
+        assert t["sat"]["label_volume_ml"] == pytest.approx(
+            int(((ph.stage1 == anatomy.SAT.id) & (ph.legs == leg_id)).sum()) * vox)
+        assert t["bone"]["volume_ml"] > 0 and t["sat"]["volume_ml"] > 0 and t["intermuscular"]["volume_ml"] > 0
+    # fat lies where the tissue is fat: SAT brighter in fat than in water, muscle the other way unless replaced
+    sat = ph.stage1 == anatomy.SAT.id
+    assert ph.fat[sat].mean() > ph.water[sat].mean()
+
+
+def test_mapping_is_applied_in_place(source_files, synth):
+    """Without geometric randomisation each muscle lands where the source map has it (under its mapped name)."""
+    _, _, ph = source_files
+    gm = anatomy.label_by_name("gluteus_maximus", "thigh").id
+    assert not (synth.stage2 == gm).any()
+    # each muscle sits where the source has it, relative to all muscles (mm), with about its size
+    def rel_centroid(stage2, sel, spacing):
+        return (np.argwhere(sel).mean(0) - np.argwhere(stage2 > 0).mean(0)) * np.asarray(spacing)
+
+    for lb in anatomy.THIGH_MUSCLES:
+        a, b = ph.stage2 == lb.id, synth.stage2 == lb.id
+        if lb.id == gm or a.sum() < 150:
+            continue
+        assert abs(int(b.sum()) - int(a.sum())) < 0.4 * a.sum(), lb.name
+        d = np.linalg.norm(rel_centroid(ph.stage2, a, ph.spacing) - rel_centroid(synth.stage2, b, synth.spacing))
+        assert d < 6.0, (lb.name, d)
+    for leg_id in anatomy.LEGS:  # the side of each leg is kept (x of its muscles)
+        xa = np.argwhere((ph.stage2 > 0) & (ph.legs == leg_id))[:, 0].mean() - ph.shape[0] / 2
+        xb = np.argwhere((synth.stage2 > 0) & (synth.legs == leg_id))[:, 0].mean() - synth.shape[0] / 2
+        assert np.sign(xa) == np.sign(xb)
+
+
+def test_deterministic_per_seed(source_files):
+    lm, mp, _ = source_files
+    src = load_source(lm, mp)
+    a = synthesize(src, 11, supersample=1)
+    b = synthesize(src, 11, supersample=1)
+    c = synthesize(src, 12, supersample=1)
+    for k in ("water", "fat", "stage1", "stage2", "legs"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    assert a.water.shape != c.water.shape or not np.array_equal(a.water, c.water)
+
+
+def test_cohort_writes_record_read_by_training(source_files, tmp_path):
+    lm, mp, _ = source_files
+    folders = synth_cohort(lm, mp, 1, 4, tmp_path, progress=False, spacing=SP, supersample=1)
+    assert len(folders) == 1 and folders[0].name.startswith("thigh_synth_map_")
+    rec = json.loads((folders[0] / anatomy.LABEL_RECORD).read_text())
+    assert "gluteus_maximus" in rec["stage2"]["unlabelled"]
+    study = read_study(folders[0])
+    assert study.region == "thigh" and "stage2" in study.labels
+    assert "gluteus_maximus" in study.label_record["stage2"]["unlabelled"]
+
+
+def test_cli_and_errors(source_files, tmp_path, capsys):
+    lm, mp, _ = source_files
+    assert main(["synth", "--labels", str(lm), "--mapping", str(mp), "--n", "1", "--out", str(tmp_path / "o"),
+                 "--spacing", "3,3,10", "--supersample", "1", "--quiet"]) == 0
+    assert len(list((tmp_path / "o").iterdir())) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"region": "thigh", "map": {str(FOREIGN + 1): "no_such_muscle"}}))
+    assert main(["synth", "--labels", str(lm), "--mapping", str(bad), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_muscle" in err[0]
+    with pytest.raises(LegcompInputError, match="not in the mapping"):
+        load_source(lm, {"region": "thigh", "map": {str(FOREIGN + 1): "rectus_femoris"}})
+    assert not (tmp_path / "b").exists()
