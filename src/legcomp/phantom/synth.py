@@ -134,6 +134,10 @@ def load_source(label_map: str | Path, mapping: str | Path | dict, region: str |
         if fid < table.size:
             table[fid] = code
     codes = table[np.clip(data, 0, None)]
+    lo, hi = _labelled_slab(codes)
+    codes = codes[:, :, lo:hi + 1]
+    aff = aff.copy()
+    aff[:3, 3] = aff[:3, :3] @ [0, 0, lo] + aff[:3, 3]
     present = {int(c) - MUSCLE0 for c in np.unique(codes) if MUSCLE0 < c < OTHER_MUSCLE}
     unlabelled = [lab.name for lab in anatomy.MUSCLES[region] if lab.id not in present]
     if not present:
@@ -141,6 +145,24 @@ def load_source(label_map: str | Path, mapping: str | Path | dict, region: str |
     stem = re.sub(r"\.nii(\.gz)?$", "", label_map.name)
     return SourceMap(codes=codes.astype(np.uint8), affine=aff, region=region, name=stem, unlabelled=unlabelled,
                      has_bone=bool((codes == MARROW).any()))
+
+
+def _labelled_slab(codes: np.ndarray, min_share: float = 0.5) -> tuple[int, int]:
+    """(first, last) slice of the contiguous run of slices around the best-labelled one whose muscle area is at least
+    ``min_share`` of the median labelled slice's: maps whose labels fade out (unlabelled or partly
+    labelled end slices) would otherwise teach muscle as background there."""
+    area = ((codes > MUSCLE0) & (codes < OTHER_MUSCLE)).sum(axis=(0, 1))
+    if not area.any():
+        return 0, codes.shape[2] - 1
+    ok = area >= min_share * np.median(area[area > 0])
+    best = int(np.argmax(area))
+    lo = best
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    hi = best
+    while hi < len(ok) - 1 and ok[hi + 1]:
+        hi += 1
+    return lo, hi
 
 
 # --------------------------------------------------------------------------- geometry helpers
