@@ -34,14 +34,13 @@ def sources(root: Path) -> list[tuple[str, str, str, tuple | None, float]]:
 
 def _one(job: tuple) -> str:
     from legcomp.phantom.generator import write_phantom
-    from legcomp.phantom.synth import load_source, synthesize
+    from legcomp.phantom.synth import load_source, study_name, synthesize
 
     region, lm, mp, zr, seed, out = job
     src = load_source(lm, mp, region, zr)
-    ph = synthesize(src, seed)
-    folder = Path(out) / region / ph.name
-    if not folder.exists():
-        write_phantom(ph, folder)
+    folder = Path(out) / region / study_name(src, seed)
+    if not folder.exists():  # a re-run completes an interrupted one
+        write_phantom(synthesize(src, seed), folder)
     return folder.name
 
 

@@ -175,8 +175,35 @@ def _disk(radius_mm: float, sx: float, sy: float) -> np.ndarray:
 
 
 def _edt2d(mask: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """In-plane Euclidean distance (mm) of every voxel of ``mask`` to the nearest voxel outside it."""
-    return ndimage.distance_transform_edt(mask, sampling=(sx, sy, 1e6)).astype(np.float32)
+    """In-plane Euclidean distance (mm) of every voxel of ``mask`` to the nearest voxel outside it
+    (computed on the mask's bounding box plus one voxel, which gives the same distances)."""
+    out = np.zeros(mask.shape, np.float32)
+    if not mask.any():
+        return out
+    box = _bbox(mask, (1, 1, 0))
+    out[box] = ndimage.distance_transform_edt(np.pad(mask[box], ((1, 1), (1, 1), (0, 0))),
+                                              sampling=(sx, sy, 1e6))[1:-1, 1:-1]
+    return out
+
+
+def _dist_outside(mask: np.ndarray, sx: float, sy: float, limit_mm: float) -> np.ndarray:
+    """In-plane distance (mm) from voxels outside ``mask`` to it, exact up to ``limit_mm`` (inf beyond)."""
+    out = np.full(mask.shape, np.inf, np.float32)
+    if not mask.any():
+        return out
+    m = (int(np.ceil(limit_mm / sx)) + 1, int(np.ceil(limit_mm / sy)) + 1, 0)
+    box = _bbox(mask, m)
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=(sx, sy, 1e6))
+    return out
+
+
+def _bbox(mask: np.ndarray, margin: tuple) -> tuple:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels per axis (clipped)."""
+    sl = []
+    for ax in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        sl.append(slice(max(0, idx[0] - margin[ax]), min(mask.shape[ax], idx[-1] + 1 + margin[ax])))
+    return tuple(sl)
 
 
 def _split_legs(fg: np.ndarray) -> np.ndarray:
@@ -216,7 +243,7 @@ def _resize_muscles(codes: np.ndarray, sx: float, sy: float, rng: np.random.Gene
         if r < 0:
             out[m & (_edt2d(m, sx, sy) <= -r)] = BG
         elif r > 0:
-            grow = (_edt2d(~m, sx, sy) <= r) & (out == BG)
+            grow = (_dist_outside(m, sx, sy, r) <= r) & (out == BG)
             out[grow] = c
     return out
 
@@ -550,11 +577,13 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     return Phantom(water=water, fat=fat, in_phase=(water + fat).astype(np.float32),
                    opposed_phase=np.abs(water - fat).astype(np.float32), stage1=stage1, stage2=stage2, legs=legmap,
                    affine=aff, region=region, seed=int(seed), options=opts, truth=truth, label_record=record,
-                   name_override=f"{region}_synth_{_safe(source.name)}_{int(seed):05d}")
+                   name_override=study_name(source, seed))
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:60] or "map"
+def study_name(source: SourceMap, seed: int) -> str:
+    """Folder name of a synthesised study: ``<region>_synth_<source stem>_<seed:05d>`` (path-safe)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", source.name).strip("-")[:60] or "map"
+    return f"{source.region}_synth_{stem}_{int(seed):05d}"
 
 
 def synth_cohort(label_map: str | Path, mapping: str | Path | dict, n: int, seed: int, out: str | Path, *,
