@@ -7,11 +7,18 @@ whole muscle, left legs mirrored along x to look like right legs), as at inferen
 Label voxels :data:`legcomp.anatomy.IGNORE` (255) carry no label and stay 255; ``classes`` is 1 for the
 classes the study labels and 0 for those its label record (:data:`legcomp.anatomy.LABEL_RECORD`) lists
 as unlabelled (background always 1), for :class:`legcomp.training.losses.PartialLabelLoss`.
+
+Training data come from one or more *sources* (:class:`Source`: a folder and a sampling weight);
+:func:`load_studies` builds each study's cases once, through the preprocessing cache
+(:mod:`legcomp.training.cache`) when one is given, and skips (logs) a study that cannot be read;
+:func:`source_sampler` draws cases so that each source gets its weight's share of the draws.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,18 +33,20 @@ from legcomp.preprocessing import inputs as prep
 log = logging.getLogger(__name__)
 
 
-def kfold_split(names: Sequence[str], folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
+def kfold_split(names: Sequence[str], folds: int, fold: int, seed: int = 0,
+                allow_fewer: bool = False) -> tuple[list[int], list[int]]:
     """Deterministic k-fold split: (train indices, validation indices) into ``names``.
 
     Names are sorted, shuffled with ``seed`` and dealt into ``folds`` near-equal folds; fold ``fold``
-    is the validation set. ``folds <= 1`` trains on everything with no validation set.
+    is the validation set. ``folds <= 1`` trains on everything with no validation set. Fewer names
+    than folds raise, unless ``allow_fewer`` (some folds are then empty).
     """
     n = len(names)
     if folds <= 1:
         return list(range(n)), []
     if not 0 <= fold < folds:
         raise LegcompInputError(f"fold {fold} is outside 0..{folds - 1}")
-    if n < folds:
+    if n < folds and not allow_fewer:
         raise LegcompInputError(f"{n} studies cannot be split into {folds} folds")
     order = sorted(range(n), key=lambda i: str(names[i]))
     perm = np.random.default_rng(seed).permutation(n)
@@ -123,16 +132,210 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
 
 
 def load_cases(paths: Sequence[Path], stage: int, region: str, *, spacing=None, with_stage1: bool = False,
-               progress: bool = False, normalisation: str = prep.NORMALISATIONS[0]) -> list[dict]:
-    """Read studies and turn them into cases (stage 2: one per leg)."""
+               progress: bool = False, normalisation: str = prep.NORMALISATIONS[0], cache=None) -> list[dict]:
+    """Read studies and turn them into cases (stage 2: one per leg); the first unreadable study raises.
+
+    ``cache``: a :class:`legcomp.training.cache.CaseCache` (or None) to reuse cases built before.
+    """
+    got = load_studies(paths, stage, region, spacing=spacing, with_stage1=with_stage1, progress=progress,
+                       normalisation=normalisation, cache=cache, skip_unreadable=False)
+    return [c for st in got.studies for c in st.cases]
+
+
+# --------------------------------------------------------------------------- sources, studies, cache
+
+
+@dataclass
+class Source:
+    """A folder of labelled studies and its sampling weight (relative; see :func:`source_sampler`)."""
+
+    path: Path
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.path}" + ("" if self.weight == 1.0 else f":{self.weight:g}")
+
+
+def parse_source(spec) -> Source:
+    """``PATH`` or ``PATH:WEIGHT`` (a string), a path, a ``(path, weight)`` pair or a :class:`Source`.
+
+    The weight must be a finite number > 0 (default 1). A string whose part after the last ``:``
+    is not a number is a path as a whole.
+    """
+    if isinstance(spec, Source):
+        src = Source(Path(spec.path), float(spec.weight))
+    elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+        try:
+            src = Source(Path(spec[0]), float(spec[1]))
+        except (TypeError, ValueError):
+            raise LegcompInputError(f"bad data source {spec!r}; expected (path, weight)") from None
+    else:
+        text = str(spec)
+        src = Source(Path(text))
+        if ":" in text:
+            head, tail = text.rsplit(":", 1)
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = None
+            if weight is not None and head:
+                src = Source(Path(head), weight)
+    if not math.isfinite(src.weight) or src.weight <= 0:
+        raise LegcompInputError(f"data source weight must be a number > 0, got {src.weight:g}", src.path)
+    return src
+
+
+def parse_sources(data) -> list[Source]:
+    """One source (a path or ``PATH:WEIGHT`` string, a :class:`Source`) or a list of them."""
+    if isinstance(data, (str, Path, Source)) or (isinstance(data, tuple) and len(data) == 2
+                                                 and not isinstance(data[1], (str, Path, Source, tuple, list))):
+        data = [data]
+    out = [parse_source(d) for d in data]
+    if not out:
+        raise LegcompInputError("no data source given")
+    return out
+
+
+@dataclass
+class StudyCases:
+    """One study's cases and what is known of it."""
+
+    path: Path
+    cases: list[dict]
+    label_record: dict
+    content: str
+    """SHA-256 of the study's input files (:func:`legcomp.training.cache.content_hash`)."""
+    cached: bool
+    """True when the cases came from the cache (no study file was read)."""
+
+
+@dataclass
+class LoadedStudies:
+    """Result of :func:`load_studies`."""
+
+    studies: list[StudyCases] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    """``{"study": path, "reason": one line}`` per study that could not be used."""
+    seconds: float = 0.0
+    hits: int = 0
+    built: int = 0
+
+    @property
+    def cases(self) -> list[dict]:
+        return [c for st in self.studies for c in st.cases]
+
+    def extend(self, other: "LoadedStudies") -> None:
+        self.studies += other.studies
+        self.skipped += other.skipped
+        self.seconds += other.seconds
+        self.hits += other.hits
+        self.built += other.built
+
+
+def _one_line(exc: BaseException, path: Path) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (LegcompInputError, OSError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text if str(path) in text else f"{path}: {text}"
+
+
+def load_studies(paths: Sequence[Path], stage: int, region: str, *, spacing=None, with_stage1: bool = False,
+                 progress: bool = False, normalisation: str = prep.NORMALISATIONS[0],
+                 margin_mm: float = prep.LEG_MARGIN_MM, cache=None, skip_unreadable: bool = True) -> LoadedStudies:
+    """Each study's cases, from ``cache`` (a :class:`legcomp.training.cache.CaseCache`) when it holds them,
+    else read (:func:`read_study`), built (:func:`study_cases`) and stored there.
+
+    A study that cannot be read or used is skipped with one logged line naming it and the reason
+    (``skip_unreadable``; otherwise the error is raised). Cached arrays are memory-mapped, read-only.
+    """
+    import time
+
     from tqdm.auto import tqdm
 
-    out: list[dict] = []
+    from legcomp.training import cache as C
+
+    t0 = time.perf_counter()
+    target = prep.working_spacing(spacing)
+    out = LoadedStudies()
     for p in tqdm(list(paths), desc="reading studies", disable=not progress, leave=False):
-        study = read_study(p, region=region)
-        out.extend(study_cases(study, stage, region, spacing=spacing, with_stage1=with_stage1,
-                               normalisation=normalisation))
+        p = Path(p)
+        try:
+            try:
+                content = C.content_hash(p)
+            except OSError as exc:
+                raise LegcompInputError(f"cannot read ({exc.strerror or exc})", exc.filename or p) from None
+            fields = C.key_fields(content, name=_study_name(p), stage=stage, region=region, spacing=target,
+                                  normalisation=normalisation, with_stage1=with_stage1, margin_mm=margin_mm)
+            key = C.make_key(fields)
+            entry = cache.load(key) if cache is not None else None
+            if entry is not None:
+                out.studies.append(StudyCases(p, entry["cases"], entry["label_record"], content, True))
+                out.hits += 1
+                continue
+            study = read_study(p, region=region)
+            cases = study_cases(study, stage, region, spacing=spacing, with_stage1=with_stage1,
+                                margin_mm=margin_mm, normalisation=normalisation)
+            record = dict(study.label_record or {})
+            if cache is not None:
+                cases = cache.store(key, fields, cases, record)["cases"]
+            out.studies.append(StudyCases(p, cases, record, content, False))
+            out.built += 1
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:
+            if not skip_unreadable:
+                raise
+            reason = _one_line(exc, p)
+            log.warning("skipped study %s", reason)
+            out.skipped.append({"study": str(p), "reason": reason})
+    out.seconds = time.perf_counter() - t0
     return out
+
+
+def _study_name(path: Path) -> str:
+    from legcomp.io.nifti import _subject_name
+
+    folder = path if path.is_dir() else path.parent
+    return _subject_name(folder)
+
+
+def source_sampler(case_sources: Sequence[int], weights: Sequence[float], num_samples: int, generator):
+    """A sampler of ``num_samples`` case indices (with replacement) such that source ``s`` is drawn with
+    probability ``weights[s] / sum(weights)`` whatever its number of cases: per-case weight = source
+    weight / cases of that source (:class:`torch.utils.data.WeightedRandomSampler`). With a single source,
+    a uniform :class:`torch.utils.data.RandomSampler`. Sources without cases get no draws (their weight is
+    dropped). The returned sampler counts its draws per source in ``.counts``.
+    """
+    import torch
+
+    case_sources = [int(s) for s in case_sources]
+    n_src = len(weights)
+    per = np.bincount(np.asarray(case_sources, np.int64), minlength=n_src) if case_sources else np.zeros(n_src)
+    if len(set(case_sources)) <= 1:
+        inner = torch.utils.data.RandomSampler(range(len(case_sources)), replacement=True, num_samples=num_samples,
+                                               generator=generator)
+    else:
+        w = [float(weights[s]) / per[s] for s in case_sources]
+        inner = torch.utils.data.WeightedRandomSampler(w, num_samples=num_samples, replacement=True,
+                                                       generator=generator)
+    return _CountingSampler(inner, case_sources, n_src)
+
+
+class _CountingSampler:
+    """Wraps a sampler; counts the indices it yields per source (``counts``, a list)."""
+
+    def __init__(self, inner, groups: Sequence[int], n_groups: int):
+        self.inner = inner
+        self.groups = list(groups)
+        self.counts = [0] * n_groups
+
+    def __iter__(self):
+        for i in self.inner:
+            self.counts[self.groups[i]] += 1
+            yield i
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def fit_patch(patch: Sequence[int], shapes: Sequence[Sequence[int]], divisor: Sequence[int]) -> tuple[int, int, int]:
