@@ -2,8 +2,9 @@
 
 Outputs per study (in the input geometry): ``stage1.nii.gz``, ``stage2.nii.gz``, and with
 quantification ``volumes.csv``, ``volumes.json``, ``mat/intramat/intermat.nii.gz``,
-``overlay.png`` and ``run.json`` (provenance: legcomp version, weights, region and how it was
-decided, timings). Each study is written to a temporary folder and moved into place only when
+``overlay.png`` and ``run.json`` (provenance: legcomp version, weights, what each stage's weights were
+trained on (``weights_trained_on``: per stage, the provenance JSON beside that stage's weights file),
+region and how it was decided, timings). Each study is written to a temporary folder and moved into place only when
 complete, so a failure leaves nothing half-written. In a cohort, one failing study is
 reported (``failures.csv``) and the others go on; the cohort table is ``cohort_volumes.csv``.
 """
@@ -41,11 +42,12 @@ def _sha256(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _trained_on(weights_file: str) -> str:
-    """What a weights file was trained on, from the provenance JSON beside it ("unknown" without one)."""
-    prov = Path(weights_file).with_suffix(".provenance.json")
-    if prov.is_file():
-        return str(json.loads(prov.read_text()).get("trained_on", "unknown"))
-    return "unknown"
+    """The provenance JSON beside a weights file (``<stem>.provenance.json``, whatever its keys: written by
+    ``legcomp train``, or hand-written as beside the bundled weights), as JSON text read once per cohort;
+    ``{"trained_on": "unknown"}`` without one."""
+    from legcomp.training.provenance import read_provenance
+
+    return json.dumps(read_provenance(weights_file))
 
 
 def resolve_region(study: DixonStudy, region: str | None) -> tuple[str, str]:
@@ -93,7 +95,7 @@ def process_study(study: DixonStudy, out_dir: Path, cascade: Cascade, *, region_
             "contrasts_derived": list(study.derived), "shape": list(study.input_shape or study.shape),
             "spacing_mm": list(study.spacing), "orientation": study.orientation,
             "weights": {f"stage{s}": {"file": p, "sha256_16": _sha256(p)} for s, p in cascade.sources.items()},
-            "weights_trained_on": _trained_on(cascade.sources[1]),
+            "weights_trained_on": {f"stage{s}": json.loads(_trained_on(str(p))) for s, p in cascade.sources.items()},
             "fat_rule": fat_rule if quantify else None,
             "seconds": {"segmentation": round(t_seg, 2), "quantification": round(t_quant, 2)},
             "device": str(cascade.stage1.device),
