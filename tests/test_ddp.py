@@ -60,4 +60,10 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert (tmp_path / "out" / "thigh_stage1.pt").is_file()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["thigh_stage1.pt", "thigh_stage1.checkpoint.pt", "thigh_stage1.metrics.csv", "thigh_stage1.curve.png",
-         "thigh_stage1.summary.json"])
+         "thigh_stage1.summary.json", "thigh_stage1.last.pt", "thigh_stage1.provenance.json",
+         "thigh_stage1.last.provenance.json", "train.log"])
+    # rank 0's provenance merges every rank's studies and draws
+    prov = json.loads((tmp_path / "out" / "thigh_stage1.provenance.json").read_text())
+    (src,) = prov["sources"]
+    assert src["studies"] == src["used"] == src["train_studies"] == src["train_cases"] == 2
+    assert src["draws"] == 4 and prov["world_size"] == 2 and prov["steps"] == 2

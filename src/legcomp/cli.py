@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -137,8 +138,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
     from legcomp.training.cli import train_from_args
-    train_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    train_from_args(args, command=args.command_line)
     return 0
 
 
@@ -283,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``legcomp`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["legcomp", *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args) or 0)
     except LegcompInputError as exc:

@@ -8,7 +8,8 @@ from importlib import import_module
 _EXPORTS = {
     "add_train_arguments": "cli", "main": "cli", "train_from_args": "cli",
     "build_transforms": "data", "discover": "data", "fit_patch": "data", "kfold_split": "data",
-    "load_cases": "data", "study_cases": "data",
+    "load_cases": "data", "study_cases": "data", "Source": "data", "parse_sources": "data",
+    "load_studies": "data", "source_sampler": "data", "CaseCache": "cache", "default_cache_dir": "cache",
     "DEFAULT_PATCH": "loop", "dist_env": "loop", "resolve_device": "loop", "train": "loop", "validate": "loop",
 }
 __all__ = sorted(_EXPORTS)
