@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent("""
         torch.set_num_threads(1)
         from legcomp.training import train
         s = train(data, stage=1, region="thigh", out=out, folds=1, config="tiny", epochs=1, iters_per_epoch=2,
-                  batch=1, patch=(16, 16, 4), working_spacing=None, progress=False, device="cpu", seed=3)
+                  batch=1, patch=(16, 16, 4), working_spacing=None, progress=False, device="cpu", seed=3,
+                  cache=os.path.join(res, "cache"))
         with open(os.path.join(res, f"rank{rank}.json"), "w") as fh:
             json.dump(s, fh)
 
@@ -62,6 +63,8 @@ def test_ddp_two_cpu_processes(tmp_path):
         ["thigh_stage1.pt", "thigh_stage1.checkpoint.pt", "thigh_stage1.metrics.csv", "thigh_stage1.curve.png",
          "thigh_stage1.summary.json", "thigh_stage1.last.pt", "thigh_stage1.provenance.json",
          "thigh_stage1.last.provenance.json", "train.log"])
+    # one preprocessing cache shared by the ranks: each built its own shard's entry
+    assert [x["cache"]["built"] for x in s] == [1, 1] and len(list((res / "cache").rglob("manifest.json"))) == 2
     # rank 0's provenance merges every rank's studies and draws
     prov = json.loads((tmp_path / "out" / "thigh_stage1.provenance.json").read_text())
     (src,) = prov["sources"]
