@@ -149,7 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from legcomp.prepare import prepare_cohort
     return prepare_cohort(args.input, args.out, labels=args.labels, region=args.region, mapping=args.mapping,
-                          weights=args.weights, device=args.device, progress=not args.quiet)
+                          weights=args.weights, device=args.device, progress=not args.quiet,
+                          unlabelled_slices=args.unlabelled_slices)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -252,14 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "foreign label ids to legcomp names")
     sp.add_argument("--region", help="thigh or calf (overrides the folder names)")
 
-    sp = add("prepare", cmd_prepare, "make training studies of expert muscle labels (ids mapped, stage-1 labels "
-             "filled in by the stage-1 network, unlabelled legs left out)")
+    sp = add("prepare", cmd_prepare, "make training studies of expert muscle labels with partial labels (ids "
+             "mapped, stage-1 labels filled in by the stage-1 network, unlabelled legs left out, unlabelled "
+             "slices of a labelled leg set to 255 = no label, muscles the labels lack listed in label_record.json)")
     sp.add_argument("input", help="study folder, or a folder of study folders, each holding its label file")
-    sp.add_argument("--labels", required=True, help="file name of the muscle label map inside each study folder")
+    sp.add_argument("--labels", required=True, help="file name of the muscle label map inside each study folder "
+                    "(a path relative to it; an absolute path names one file for every study)")
     sp.add_argument("--region", required=True, help="thigh or calf")
     sp.add_argument("--out", required=True, help="output folder (one training study per input study)")
     sp.add_argument("--mapping", help="JSON file (or shipped name, e.g. huashan_thigh) mapping the labels' ids "
-                    "to legcomp names")
+                    "to legcomp names; muscles it never maps to go into the study's label_record.json "
+                    "(not learnt as background)")
+    sp.add_argument("--unlabelled-slices", choices=["ignore", "background"], default="ignore",
+                    help="axial slices where a labelled leg has no muscle label (e.g. hip slices the experts "
+                         "left out): 'ignore' (default) sets that leg's side of the slice to 255 in stage2 "
+                         "(no label, left out of training); 'background' keeps 0 (learnt as no muscle)")
     sp.add_argument("--weights", help="folder of weights for the stage-1 network (default: bundled)")
     sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
