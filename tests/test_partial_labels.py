@@ -173,7 +173,8 @@ def test_train_with_a_label_record(tmp_path):
     for p in paths:
         (p / anatomy.LABEL_RECORD).write_text(json.dumps({"stage2": {"unlabelled": ["vastus_medialis"]}}))
     s = train(tmp_path / "data", stage=2, region="thigh", out=tmp_path / "m", folds=2, fold=0, config="tiny",
-              epochs=1, iters_per_epoch=2, batch=2, patch=(16, 16, 4), working_spacing=None, progress=False)
+              epochs=1, iters_per_epoch=2, batch=2, patch=(16, 16, 4), working_spacing=None, progress=False,
+              device="cpu")
     assert s["steps"] == 2 and s["n_val_cases"] == 2
     # vastus_medialis (in the toy maps, but recorded as unlabelled) gets no validation DSC
     assert s["best_val_dsc"]["vastus_medialis"] is None

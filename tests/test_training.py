@@ -105,6 +105,52 @@ def test_study_cases_stage2_mirrors_left_leg(tmp_path):
         study_cases(study, 2, "thigh")
 
 
+def _symmetric_study(ph):
+    """The phantom with its left half replaced by the mirror image of its right half (x = nx-1-x): the left
+    leg is the right leg's exact mirror image (image and labels)."""
+    from legcomp.io.study import make_study
+
+    nx = ph.shape[0]
+    assert nx % 2 == 0
+    right = np.arange(nx) >= nx // 2  # RAS+: the subject's right leg lies at high x
+
+    def sym(a):
+        return np.where(right[:, None, None], a, a[::-1])
+
+    legs = np.where(right[:, None, None], ph.legs, np.where(ph.legs[::-1] == 2, 1, 0)).astype(np.uint8)
+    assert set(np.unique(ph.legs[right])) == {0, 2}
+    imgs = {k: (sym(getattr(ph, k)), ph.affine, k) for k in ("water", "fat")}
+    labs = {"stage1": (sym(ph.stage1), ph.affine, "s1"), "stage2": (sym(ph.stage2), ph.affine, "s2"),
+            "legs": (legs, ph.affine, "legs")}
+    return make_study(imgs, region="thigh", name="sym", labels=labs)
+
+
+def test_study_cases_stage2_left_leg_is_mirrored_like_a_right_leg():
+    """Stage-2 cases: the left leg's crop is mirrored along x, image and labels alike, so that its lateral
+    muscles lie on the same side as a right leg's."""
+    from legcomp.phantom import generate
+
+    ph = generate("thigh", 3, matrix=(48, 32, 4), spacing=(9.0, 9.0, 9.0), supersample=1)
+    vl = anatomy.label_by_name("vastus_lateralis", "thigh").id  # lateral
+    gr = anatomy.label_by_name("gracilis", "thigh").id  # medial
+    for leg_id in (1, 2):  # in the study: lateral is away from the midline, so to low x on the left leg
+        x_vl = np.argwhere((ph.stage2 == vl) & (ph.legs == leg_id))[:, 0].mean()
+        x_gr = np.argwhere((ph.stage2 == gr) & (ph.legs == leg_id))[:, 0].mean()
+        assert (x_vl > x_gr) == (leg_id == 2)
+    cases = {c["name"].rsplit("_", 1)[1]: c for c in study_cases(ph.to_study(), 2, "thigh", spacing=NATIVE)}
+    assert set(cases) == {"left", "right"}
+    for leg, c in cases.items():  # in both crops vastus lateralis lies at higher x than gracilis
+        lab = c["label"][0]
+        assert np.argwhere(lab == vl)[:, 0].mean() > np.argwhere(lab == gr)[:, 0].mean(), leg
+    # exact: a left leg that is the right leg's mirror image gives the very same case, image and labels
+    cases = {c["name"].rsplit("_", 1)[1]: c for c in study_cases(_symmetric_study(ph), 2, "thigh", spacing=NATIVE)}
+    left, right = cases["left"], cases["right"]
+    assert (left["label"] > 0).any() and len(np.unique(left["label"])) > 5
+    np.testing.assert_array_equal(left["label"], right["label"])
+    np.testing.assert_array_equal(left["image"], right["image"])
+    assert not np.array_equal(left["label"], left["label"][:, ::-1])  # not trivially symmetric
+
+
 def test_few_steps_lower_the_loss():
     from monai.losses import DiceCELoss
 
@@ -129,7 +175,7 @@ def test_train_end_to_end_and_resume(tmp_path):
     write_toy_cohort(tmp_path / "data", 3, shape=(32, 16, 4))
     out = tmp_path / "model"
     kw = dict(stage=1, region="thigh", out=out, folds=3, fold=1, config="tiny", iters_per_epoch=2, batch=2,
-              patch=(16, 16, 4), working_spacing=None, progress=False, seed=5)
+              patch=(16, 16, 4), working_spacing=None, progress=False, seed=5, device="cpu")
     s = train(tmp_path / "data", epochs=2, **kw)
     assert s["epochs_run"] == 2 and s["n_train_cases"] == 2 and s["n_val_cases"] == 1
     assert s["steps"] == 4 and s["best_epoch"] in (1, 2)
@@ -163,11 +209,74 @@ def test_train_end_to_end_and_resume(tmp_path):
     assert s3["start_epoch"] == 3 and s3["epochs_run"] == 4
 
 
+def _assert_same_state(got, want, where=""):
+    """Nested state dicts (tensors, numbers, lists, dicts) equal, tensor by tensor (exactly)."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, sorted(got), sorted(want))
+        for k in want:
+            _assert_same_state(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same_state(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, (where, got, want)
+
+
+def test_resume_restores_model_and_optimizer_state(tmp_path, monkeypatch):
+    """After a resume the model and the optimizer hold the checkpoint's state, tensor by tensor, and
+    training goes on exactly as an uninterrupted run would."""
+    import legcomp.training.loop as loop
+
+    write_toy_cohort(tmp_path / "data", 2, shape=(32, 16, 4))
+    kw = dict(stage=1, region="thigh", folds=1, config="tiny", iters_per_epoch=2, batch=1, patch=(16, 16, 4),
+              working_spacing=None, progress=False, seed=2, device="cpu", lr=1e-2)
+    out = tmp_path / "m"
+    train(tmp_path / "data", out=out, epochs=1, **kw)
+    ck = torch.load(out / "thigh_stage1.checkpoint.pt", weights_only=True)
+    assert ck["optimizer"]["state"] and all(int(v["step"]) == 2 for v in ck["optimizer"]["state"].values())
+
+    made = {}
+    real_build, real_adamw = loop.build_network, torch.optim.AdamW
+
+    def build(*a, **k):
+        made["model"] = real_build(*a, **k)
+        return made["model"]
+
+    class RecordingAdamW(real_adamw):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made["opt"] = self
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "build_network", build)
+        mp.setattr(torch.optim, "AdamW", RecordingAdamW)
+        # epochs=1 again: resumed after epoch 1, nothing left to run, so the objects hold what resume restored
+        s = train(tmp_path / "data", out=out, epochs=1, **kw)
+    assert s["stop_reason"] == "already complete" and s["steps"] == 0
+    _assert_same_state(made["model"].state_dict(), ck["model"], "model")
+    _assert_same_state(made["opt"].state_dict(), ck["optimizer"], "optimizer")
+    fresh = real_build("tiny", 2, anatomy.n_classes(1, "thigh"))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ck["model"].values()))
+
+    # resumed for a second epoch == two epochs in one go (model, optimizer and RNG states all restored)
+    s2 = train(tmp_path / "data", out=out, epochs=2, **kw)
+    assert s2["start_epoch"] == 1 and s2["steps"] == 2
+    one_go = train(tmp_path / "data", out=tmp_path / "m2", epochs=2, **kw)
+    assert one_go["steps"] == 4
+    a = torch.load(out / "thigh_stage1.checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "m2" / "thigh_stage1.checkpoint.pt", weights_only=True)
+    _assert_same_state(a["model"], b["model"], "model")
+    _assert_same_state(a["optimizer"], b["optimizer"], "optimizer")
+
+
 def test_train_stage2_all_folds_with_stage1_channel(tmp_path):
     write_toy_cohort(tmp_path / "data", 2, region="calf", shape=(32, 16, 4))
     s = train(tmp_path / "data", stage=2, region="calf", out=tmp_path / "m", folds=1, config="tiny", epochs=1,
               iters_per_epoch=2, batch=2, patch=(16, 16, 4), working_spacing=None, progress=False,
-              with_stage1=True, loss="dicefocal")
+              with_stage1=True, loss="dicefocal", device="cpu")
     assert s["n_train_cases"] == 4 and s["n_val_cases"] == 0  # one case per leg
     model, meta = load_weights(tmp_path / "m" / "calf_stage2.pt", region="calf", stage=2)
     assert meta["in_channels"] == 3 and meta["with_stage1"] is True
@@ -180,7 +289,7 @@ def test_init_bundled_starts_from_the_bundled_weights(tmp_path):
     write_toy_cohort(tmp_path / "data", 1, region="thigh", shape=(64, 32, 4))
     s = train(tmp_path / "data", stage=2, region="thigh", out=tmp_path / "m", folds=1, config="fast", epochs=1,
               iters_per_epoch=1, batch=1, patch=(32, 32, 4), working_spacing=None, progress=False, lr=0.0,
-              weight_decay=0.0, init_weights="bundled", augment=False)
+              weight_decay=0.0, init_weights="bundled", augment=False, device="cpu")
     assert s["n_train_cases"] == 2
     tuned, meta = load_weights(tmp_path / "m" / "thigh_stage2.pt", region="thigh", stage=2)
     bundled, _ = load_weights(bundled_weights("thigh", 2), region="thigh", stage=2)
@@ -190,9 +299,9 @@ def test_init_bundled_starts_from_the_bundled_weights(tmp_path):
 
 def test_bad_options(tmp_path):
     with pytest.raises(LegcompInputError, match="no studies"):
-        train(tmp_path, stage=1, region="thigh", out=tmp_path / "o", progress=False)
+        train(tmp_path, stage=1, region="thigh", out=tmp_path / "o", progress=False, device="cpu")
     with pytest.raises(LegcompInputError, match="loss"):
-        train(tmp_path, stage=1, region="thigh", out=tmp_path / "o", loss="mse")
+        train(tmp_path, stage=1, region="thigh", out=tmp_path / "o", loss="mse", device="cpu")
 
 
 def test_cli_arguments():
@@ -208,7 +317,7 @@ def test_time_limit_stops_and_anneals(tmp_path):
     write_toy_cohort(tmp_path / "data", 2, shape=(32, 16, 4))
     s = train(tmp_path / "data", stage=1, region="thigh", out=tmp_path / "m", folds=1, config="tiny", epochs=50,
               iters_per_epoch=1, batch=1, patch=(16, 16, 4), working_spacing=None, progress=False,
-              time_limit_min=1e-4)
+              time_limit_min=1e-4, device="cpu")
     assert s["stop_reason"] == "time limit" and s["epochs_run"] == 1
     rows = list(csv.DictReader(open(tmp_path / "m" / "thigh_stage1.metrics.csv")))
     assert float(rows[0]["lr"]) < 1e-3  # decayed by the time used, not by epochs
