@@ -55,7 +55,8 @@ def _reoriented_copy(src: Path, dst: Path) -> np.ndarray:
 def test_run_writes_everything_in_input_geometry(tmp_path, thigh_case, tiny_weights):
     case = tmp_path / "thigh_lps"
     affine = _reoriented_copy(thigh_case, case)
-    assert main(["run", str(case), "--out", str(tmp_path / "out"), "--weights", str(tiny_weights), "--quiet"]) == 0
+    assert main(["run", str(case), "--out", str(tmp_path / "out"), "--weights", str(tiny_weights),
+                 "--quiet", "--device", "cpu"]) == 0
     out = tmp_path / "out"
     for f in ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json", "mat.nii.gz", "overlay.png", "run.json"):
         assert (out / f).is_file(), f
@@ -134,7 +135,7 @@ def test_cohort_goes_on_past_a_bad_study(tmp_path, thigh_case, tiny_weights):
     bad.mkdir(parents=True)
     (bad / "water.nii.gz").write_bytes((thigh_case / "water.nii.gz").read_bytes())
     out = tmp_path / "out"
-    code = main(["run", str(cohort), "--out", str(out), "--weights", str(tiny_weights), "--quiet"])
+    code = main(["run", str(cohort), "--out", str(out), "--weights", str(tiny_weights), "--quiet", "--device", "cpu"])
     assert code == 1
     assert (out / "calf_00003" / "stage2.nii.gz").is_file()
     assert not (out / "thigh_bad").exists()
@@ -149,15 +150,15 @@ def test_bad_weights_give_one_line_and_exit_2(tmp_path, thigh_case, tiny_weights
     (wdir / "thigh_stage1.pt").write_bytes(b"not a torch file at all")
     (wdir / "thigh_stage2.pt").write_bytes((tiny_weights / "thigh_stage2.pt").read_bytes())
     out = tmp_path / "out"
-    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet"]) == 2
+    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "thigh_stage1.pt" in err
     assert not out.exists()
     # weights of the wrong region under the right name
     (wdir / "thigh_stage1.pt").write_bytes((tiny_weights / "calf_stage1.pt").read_bytes())
-    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet"]) == 2
+    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(wdir), "--quiet", "--device", "cpu"]) == 2
     assert "region calf" in capsys.readouterr().err
-    assert main(["run", str(thigh_case), "--out", str(out), "--region", "knee", "--quiet"]) == 2
+    assert main(["run", str(thigh_case), "--out", str(out), "--region", "knee", "--quiet", "--device", "cpu"]) == 2
 
 
 def test_weights_folder_with_one_network_takes_the_other_bundled(tmp_path, tiny_weights, thigh_case, capsys):
@@ -215,9 +216,11 @@ def test_bundled_weights_on_real_calf(tmp_path):
 
 def test_rerun_into_same_folder_leaves_no_stale_files(tmp_path, thigh_case, tiny_weights):
     out = tmp_path / "out"
-    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
+    assert main(["run", str(thigh_case), "--out", str(out), "--weights", str(tiny_weights),
+                 "--quiet", "--device", "cpu"]) == 0
     assert (out / "overlay.png").is_file() and (out / "volumes.csv").is_file()
-    assert main(["predict", str(thigh_case), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
+    assert main(["predict", str(thigh_case), "--out", str(out), "--weights", str(tiny_weights),
+                 "--quiet", "--device", "cpu"]) == 0
     assert (out / "stage2.nii.gz").is_file()
     assert not (out / "overlay.png").exists() and not (out / "volumes.csv").exists()
 
