@@ -313,3 +313,81 @@ def test_quantify_files(tmp_path, study):
     assert (out / "volumes.csv").is_file() and (out / "intermat.nii.gz").is_file()
     with pytest.raises(LegcompInputError):
         quantify_files(sdir, pdir / "s1.nii.gz", pdir / "s2.nii.gz", None, region="thigh")  # ids 21/30 unmapped
+
+
+DISPUTE_AFFINE = np.diag([2.0, 2.0, 5.0, 1.0])  # RAS+, 0.02 mL voxels
+DISPUTE_VOX_ML = 2.0 * 2.0 * 5.0 / 1000
+
+
+def _dispute_study():
+    """Two legs (left at low x, right at high x; 3 slices), each a 6 x 6 SAT square around a 4 x 4 whole-muscle
+    core that stage 2 labels rectus femoris (left) / vastus lateralis (right). Then stage 2 disagrees with
+    stage 1: 4 x 3 left-leg voxels of stage-1 SAT are labelled rectus femoris, and 2 x 3 rectus femoris voxels
+    lie where stage 1 is background; the given leg map leaves one 6 x 3 column of the right leg's SAT unassigned."""
+    shape = (20, 10, 3)
+    s1 = np.zeros(shape, np.uint8)
+    s2 = np.zeros(shape, np.uint8)
+    legs = np.zeros(shape, np.uint8)
+    for x0, leg, mus in ((2, 1, RF), (12, 2, VL)):
+        s1[x0:x0 + 6, 2:8] = anatomy.SAT.id
+        s1[x0 + 1:x0 + 5, 3:7] = anatomy.WHOLE_MUSCLE.id
+        s2[x0 + 1:x0 + 5, 3:7] = mus
+        legs[x0 - 2:x0 + 8, :] = leg
+    s2[2, 3:7] = RF  # over stage-1 SAT: 12 voxels
+    s2[0, 3:5] = RF  # outside stage 1: 6 voxels
+    legs[17, 2:8] = 0  # right-leg SAT without a leg: 18 voxels
+    water = np.full(shape, 100.0, np.float32)
+    fat = np.where(s1 == anatomy.SAT.id, 900.0, 20.0).astype(np.float32)
+    study = make_study({"water": (water, DISPUTE_AFFINE, "w"), "fat": (fat, DISPUTE_AFFINE, "f")}, region="thigh",
+                       name="dispute")
+    return study, s1, s2, legs
+
+
+def test_stage2_muscle_takes_precedence_over_stage1_and_is_flagged(q):
+    study, s1, s2, legs = _dispute_study()
+    assert study.voxel_volume_ml == pytest.approx(DISPUTE_VOX_ML)
+    res = quantify(study, s1, s2, legs=legs)
+    flags = res.meta["flags"]
+    assert flags["muscle_over_sat_ml"] == pytest.approx(12 * DISPUTE_VOX_ML)
+    assert flags["muscle_outside_stage1_ml"] == pytest.approx(6 * DISPUTE_VOX_ML)
+    assert flags["unassigned_leg_ml"] == pytest.approx(18 * DISPUTE_VOX_ML)
+    expected = {  # (structure, leg) -> voxels
+        ("subcutaneous_fat", "left"): (36 - 16) * 3 - 12,  # the disputed voxels went to the muscle
+        ("rectus_femoris", "left"): 16 * 3 + 12 + 6,
+        ("whole_muscle", "left"): 16 * 3 + 12 + 6,
+        ("subcutaneous_fat", "right"): (36 - 16) * 3 - 18,  # the unassigned column counts in no leg...
+        ("vastus_lateralis", "right"): 16 * 3,
+        ("subcutaneous_fat", "total"): (36 - 16) * 3 * 2 - 12,  # ...but in the total
+        ("whole_muscle", "total"): 16 * 3 * 2 + 12 + 6,
+    }
+    for (structure, leg), n in expected.items():
+        assert res.value(structure, "volume_ml", leg) == pytest.approx(n * DISPUTE_VOX_ML, abs=1e-12), (structure, leg)
+    # SAT fat voxels relabelled muscle are intramuscular fat, not SAT
+    assert res.value("intramat", "fat_volume_ml", "left") == pytest.approx(12 * DISPUTE_VOX_ML)
+    assert int(res.masks["intramat"].sum()) == 12
+    # without legs the leg map assigns every labelled voxel; maps that agree raise no flag
+    auto = quantify(study, s1, s2)
+    assert "unassigned_leg_ml" not in auto.meta["flags"]
+    assert auto.meta["flags"]["muscle_over_sat_ml"] == pytest.approx(12 * DISPUTE_VOX_ML)
+    assert q.meta["flags"]["muscle_over_sat_ml"] == 0 and q.meta["flags"]["muscle_outside_stage1_ml"] == 0
+    assert "unassigned_leg_ml" not in q.meta["flags"]
+    assert "muscle_over_sat_ml" not in quantify(study, None, s2, legs=legs).meta["flags"]  # nothing to disagree
+
+
+def test_seed_rule_threshold_is_inclusive():
+    """The seed's rule is ``>= 0.1``: a voxel exactly at the threshold is fat, one just below is not."""
+    shape = (4, 3, 2)
+    fat = np.full(shape, 50.0, np.float32)  # min 50
+    fat[0, 0, 0] = 1050.0  # max: (F - 50) / 1000
+    fat[1, 0, 0] = 150.0  # exactly 0.1
+    fat[2, 0, 0] = np.nextafter(np.float32(150.0), np.float32(0.0))  # just below
+    fat[3, 0, 0] = np.nextafter(np.float32(150.0), np.float32(1e9))  # just above
+    study = make_study({"water": (np.full(shape, 10.0, np.float32), np.eye(4), "w"),
+                        "fat": (fat, np.eye(4), "f")}, name="tie")
+    assert (150.0 - 50.0) / (1050.0 - 50.0) == 0.1
+    m = fat_mask(study, "seed")
+    assert m[1, 0, 0] and not m[2, 0, 0] and m[3, 0, 0] and m[0, 0, 0]
+    assert int(m.sum()) == 3
+    s1 = np.full(shape, anatomy.WHOLE_MUSCLE.id, np.uint8)
+    res = quantify(study, s1, None, legs=np.full(shape, 1, np.uint8))
+    assert res.value("mat", "fat_volume_ml", "left") == pytest.approx(3 * study.voxel_volume_ml)
