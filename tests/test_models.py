@@ -114,9 +114,19 @@ def test_weights_unwrap_ddp_prefix(tmp_path):
             super().__init__()
             self.module = m
 
+    torch.manual_seed(0)
     model = build_network("tiny", 2, 3)
-    path = save_weights(tmp_path / "w.pt", Wrap(model), config="tiny", region="thigh", stage=1)
-    load_weights(path)
+    compiled = Wrap(model)
+    compiled._orig_mod = compiled.module  # torch.compile's wrapper attribute
+    del compiled.module
+    for wrapped in (Wrap(model), compiled, Wrap(compiled)):
+        path = save_weights(tmp_path / "w.pt", wrapped, config="tiny", region="thigh", stage=1)
+        _, state = read_weights_meta(path)
+        assert list(state) == list(model.state_dict())  # no "module." / "_orig_mod." prefix
+        loaded, _ = load_weights(path)
+        for k, v in model.state_dict().items():
+            want = v.half().to(v.dtype) if v.is_floating_point() else v  # stored as float16
+            assert torch.equal(loaded.state_dict()[k], want), k
 
 
 def test_corrupt_and_truncated_files(tmp_path):
