@@ -73,7 +73,10 @@ def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
             "whole_muscle_vs_reference_union": round(dice(s1[sel] == anatomy.WHOLE_MUSCLE.id, ref[sel] > 0), 4),
             "stage1_muscle_without_label": round(float((mus & (s2 == 0)).sum() / max(1, mus.sum())), 4),
             "stage1_muscle_without_label_labelled_slices": round(
-                float((mus & lab_z & (s2 == 0)).sum() / max(1, (mus & lab_z).sum())), 4)}
+                float((mus & lab_z & (s2 == 0)).sum() / max(1, (mus & lab_z).sum())), 4),
+            # context: the reference labels residual muscle only, not fat-replaced muscle
+            "reference_without_label_labelled_slices": round(
+                float((mus & lab_z & (ref == 0)).sum() / max(1, (mus & lab_z).sum())), 4)}
     out["_arrays"] = (study, s1, s2, ref)
     return out
 
@@ -125,6 +128,8 @@ def print_tables(thigh: dict | None, calf: dict | None, title: str) -> None:
               f"{R['stage1_muscle_without_label']:.1%} |")
         print(f"| the same, labelled slices only | {L['stage1_muscle_without_label_labelled_slices']:.1%} | "
               f"{R['stage1_muscle_without_label_labelled_slices']:.1%} |")
+        print(f"| (the reference's own share there) | {L['reference_without_label_labelled_slices']:.1%} | "
+              f"{R['reference_without_label_labelled_slices']:.1%} |")
     if calf:
         print("\nqmritools_calf (healthy, no labels): volume per muscle (mL)\n")
         print("| muscle | left | right |\n|---|---|---|")
@@ -146,7 +151,8 @@ def _make_synth():
 
 
 def train_without(held_out: str, root: Path, out: Path, *, per_map: float, max_maps: int | None, phantoms: int,
-                  minutes: float, epochs: int, iters: int, lr: float, seed: int, workers: int) -> Path:
+                  minutes: float, epochs: int, iters: int, lr: float, seed: int, workers: int,
+                  patch: tuple = (96, 96, 32)) -> Path:
     """Synthesise thigh studies from every label map except the held-out person's, add template
     phantoms, fine-tune the bundled thigh muscle network on them; returns the weights folder."""
     from legcomp.phantom import generate_cohort
@@ -166,7 +172,7 @@ def train_without(held_out: str, root: Path, out: Path, *, per_map: float, max_m
     weights = out / "weights"
     summary = train(data / "thigh", stage=2, region="thigh", out=weights, folds=1, epochs=epochs,
                     iters_per_epoch=iters, lr=lr, seed=seed, device="cpu", time_limit_min=minutes, progress=False,
-                    init_weights="bundled", workers=workers)
+                    init_weights="bundled", workers=workers, patch=patch)
     (out / "loo.json").write_text(json.dumps({"held_out": held_out, "excluded_sources": HELD_OUT[held_out],
                                               "sources": [s[1] for s in srcs], "n_synth": len(jobs),
                                               "n_phantoms": phantoms,
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--patch", type=int, nargs=3, default=(96, 96, 32), metavar=("X", "Y", "Z"))
     ap.add_argument("--no-calf", action="store_true")
     ap.add_argument("--docs", default=None, help="write overlay PNGs of the scored weights here")
     ap.add_argument("--json", default=None, help="write the scores as JSON here")
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.train:
         weights = train_without("huashan_thigh_001", root, Path(a.out), per_map=a.per_map, max_maps=a.max_maps,
                                 phantoms=a.phantoms, minutes=a.minutes, epochs=a.epochs, iters=a.iters, lr=a.lr,
-                                seed=a.seed, workers=a.workers)
+                                seed=a.seed, workers=a.workers, patch=tuple(a.patch))
     thigh = score_thigh(root, weights)
     calf = None if a.no_calf else score_calf(root, weights)
     print_tables(thigh, calf, f"weights: {weights or 'bundled'}")
