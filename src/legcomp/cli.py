@@ -84,6 +84,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_studies(folders: list, preview: bool) -> int:
+    """Print the written study folders (after a preview.png in each with ``preview``); exit code 0."""
+    from legcomp import phantom
+    for f in folders:
+        if preview:
+            phantom.save_preview(f, f / "preview.png")
+        print(f)
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from legcomp import phantom
     opts: dict = {"geometry": not args.no_geometry, "supersample": args.supersample}
@@ -91,12 +101,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         opts["spacing"] = args.spacing
     folders = phantom.synth_cohort(args.labels, args.mapping, args.n, args.seed, args.out, region=args.region,
                                    z_range=args.slices, progress=not args.quiet, **opts)
-    if args.preview:
-        for f in folders:
-            phantom.save_preview(f, f / "preview.png")
-    for f in folders:
-        print(f)
-    return 0
+    return _list_studies(folders, args.preview)
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -108,12 +113,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     if args.matrix is not None:
         opts["matrix"] = args.matrix
     folders = phantom.generate_cohort(region, args.n, args.seed, args.out, progress=not args.quiet, **opts)
-    if args.preview:
-        for f in folders:
-            phantom.save_preview(f, f / "preview.png")
-    for f in folders:
-        print(f)
-    return 0
+    return _list_studies(folders, args.preview)
 
 
 def cmd_quantify(args: argparse.Namespace) -> int:

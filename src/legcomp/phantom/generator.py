@@ -259,14 +259,8 @@ def generate(region: str, seed: int, *, spacing=(1.5, 1.5, 5.0), matrix=None, le
             shapes.rasterize_leg(lm, xs, ys, z, code, rnorm, gap)
         return code, gap
 
-    water, fat, fine_lab, counts, ffsum, app = render(anatomy_slice, affine, matrix, thick, s_xy, s_z, tp, mfat,
-                                                      muscle_codes, rng_field)
-
-    stage1 = _lut("stage1", region)[fine_lab]
-    stage2 = _lut("stage2", region)[fine_lab]
-    legmap = _lut("legs", region)[fine_lab]
-
-    water, fat = sig.acquire(water, fat, legmap, spacing, opts, app, rng_noise)
+    water, fat, stage1, stage2, legmap, counts, ffsum = render_study(
+        anatomy_slice, region, affine, matrix, thick, s_xy, s_z, tp, mfat, muscle_codes, rng_field, opts, rng_noise)
     ip = water + fat
     op = np.abs(water - fat)
 
@@ -330,6 +324,26 @@ def render(anatomy_slice, affine: np.ndarray, matrix: tuple, thick: float, s_xy:
         fat[:, :, k] = facc / s_z
         fine_lab[:, :, k] = votes.reshape(nx * ny, N_CODES).argmax(axis=1).reshape(nx, ny)
     return water, fat, fine_lab, counts, ffsum, app
+
+
+def render_study(anatomy_slice, region: str, affine: np.ndarray, matrix: tuple, thick: float, s_xy: int, s_z: int,
+                 tp: sig.TissueParams, mfat: sig.MuscleFat, muscle_codes: np.ndarray, rng_field: np.random.Generator,
+                 opts: dict, rng_noise: np.random.Generator):
+    """:func:`render`, the label maps from the majority fine codes, then the scanner
+    (:func:`legcomp.phantom.signal.acquire` with ``opts``).
+
+    Returns:
+        (water, fat, stage1, stage2, legs, counts, ffsum): float32 images and uint8 label maps (x, y, z),
+        and the per-code sub-voxel counts and summed fat fraction for exact truth volumes.
+    """
+    water, fat, fine_lab, counts, ffsum, app = render(anatomy_slice, affine, matrix, thick, s_xy, s_z, tp, mfat,
+                                                      muscle_codes, rng_field)
+    stage1 = _lut("stage1", region)[fine_lab]
+    stage2 = _lut("stage2", region)[fine_lab]
+    legmap = _lut("legs", region)[fine_lab]
+    spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    water, fat = sig.acquire(water, fat, legmap, spacing, opts, app, rng_noise)
+    return water, fat, stage1, stage2, legmap, counts, ffsum
 
 
 def _stats(vol: float, fat_ml: float, label_ml: float | None = None) -> dict:

@@ -28,7 +28,7 @@ from legcomp import anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.phantom import shapes
 from legcomp.phantom import signal as sig
-from legcomp.phantom.generator import Phantom, _lut, _truth, render
+from legcomp.phantom.generator import Phantom, _truth, render_study
 from legcomp.phantom.shapes import (BG, CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, SAT, SAT_VESSEL, SKIN,
                                     VESSEL)
 
@@ -561,12 +561,8 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
         mfat.target[c] = mfat.base[c] + mfat.diffuse[c]
     tp = sig.random_tissue_params(rng_tis)
     muscle_codes = np.r_[MUSCLE0 + np.arange(1, len(anatomy.MUSCLES[region]) + 1), other]
-    water, fat, fine_lab, counts, ffsum, app = render(anatomy_slice, aff, matrix, thick, s_xy, s_z, tp, mfat,
-                                                      muscle_codes, rng_field)
-    stage1 = _lut("stage1", region)[fine_lab]
-    stage2 = _lut("stage2", region)[fine_lab]
-    legmap = _lut("legs", region)[fine_lab]
-    water, fat = sig.acquire(water, fat, legmap, spacing, opts, app, rng_noise)
+    water, fat, stage1, stage2, legmap, counts, ffsum = render_study(
+        anatomy_slice, region, aff, matrix, thick, s_xy, s_z, tp, mfat, muscle_codes, rng_field, opts, rng_noise)
     sub_ml = float(np.prod(spacing)) / (s_xy * s_xy * s_z) / 1000.0
     truth = _truth(region, counts, ffsum, sub_ml, stage1, stage2, legmap, float(np.prod(spacing)) / 1000.0, mfat,
                    inter_codes=(FASCIA, IMAT, VESSEL, other))
