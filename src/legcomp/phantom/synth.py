@@ -248,15 +248,11 @@ def _resize_muscles(codes: np.ndarray, sx: float, sy: float, rng: np.random.Gene
     return out
 
 
-def _components_2d(mask2d: np.ndarray) -> tuple[np.ndarray, int]:
-    return ndimage.label(mask2d)
-
-
-def _pick_bones(gaps: np.ndarray, codes_leg: np.ndarray, sx: float, sy: float, region: str) -> np.ndarray:
+def _pick_bones(gaps: np.ndarray, sx: float, sy: float, region: str) -> np.ndarray:
     """Bone (bool, (x, y) slice) among the compact, thick gaps that the muscles of one leg leave:
     the femur (thigh), the tibia and fibula (calf)."""
     core = ndimage.binary_opening(gaps, structure=_disk(2.5, sx, sy)[:, :, 0])
-    lab, n = _components_2d(core)
+    lab, n = ndimage.label(core)
     if n == 0:
         return np.zeros_like(gaps)
     idx = np.arange(1, n + 1)
@@ -364,7 +360,7 @@ def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float,
         else:
             for k in range(codes.shape[2]):
                 if gaps[:, :, k].any():
-                    bone[:, :, k] = _pick_bones(gaps[:, :, k], codes[:, :, k], sx, sy, src.region)
+                    bone[:, :, k] = _pick_bones(gaps[:, :, k], sx, sy, src.region)
         leg_codes = np.where(env, codes, BG)
         for k in range(codes.shape[2]):
             _fill_gaps(leg_codes[:, :, k], gaps[:, :, k] & ~bone[:, :, k], sx, sy, fill_mm)
