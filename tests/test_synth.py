@@ -145,3 +145,26 @@ def test_cli_and_errors(source_files, tmp_path, capsys):
     with pytest.raises(LegcompInputError, match="not in the mapping"):
         load_source(lm, {"region": "thigh", "map": {str(FOREIGN + 1): "rectus_femoris"}})
     assert not (tmp_path / "b").exists()
+
+
+def test_selective_end_stage_muscles():
+    """``selective`` fat-replaces muscles picked at random whatever their susceptibility (dystrophy
+    pattern: spared next to end-stage); 0 draws nothing extra, so the template phantom is unchanged."""
+    from legcomp.phantom import signal as sig
+    from legcomp.phantom.shapes import MUSCLE0, REGION_SPECS
+
+    sus = REGION_SPECS["thigh"].susceptibility
+    n = len(anatomy.MUSCLES["thigh"])
+    codes = MUSCLE0 + np.arange(1, n + 1)
+    healthy = sig.sample_muscle_fat("thigh", np.random.default_rng(3), 0.0, sus, True, selective=1.0)
+    assert np.all(healthy.target[codes] >= 0.45)  # every muscle end-stage although infiltration is 0
+    assert np.all(healthy.target[LEG_STRIDE + codes] >= 0.45)  # in both legs
+    none = sig.sample_muscle_fat("thigh", np.random.default_rng(3), 0.0, sus, True, selective=0.0)
+    assert np.all(none.target[codes] < 0.1)
+    a = sig.sample_muscle_fat("thigh", np.random.default_rng(5), 0.3, sus, False)
+    b = sig.sample_muscle_fat("thigh", np.random.default_rng(5), 0.3, sus, False, selective=0.0)
+    for k in ("base", "diffuse", "frac", "alpha", "target"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    some = sig.sample_muscle_fat("thigh", np.random.default_rng(8), 0.0, sus, True, selective=0.5)
+    ends = some.target[codes] >= 0.45
+    assert 0 < ends.sum() < n  # muscle by muscle, not all or none

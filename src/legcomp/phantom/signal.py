@@ -78,19 +78,28 @@ class MuscleFat:
 
 
 def sample_muscle_fat(region: str, rng: np.random.Generator, infiltration: float,
-                      susceptibility: dict, randomize: bool = False) -> MuscleFat:
-    """Draw per-muscle fat: healthy 2-8 % plus infiltration x susceptibility (patchy/streaky, both legs)."""
+                      susceptibility: dict, randomize: bool = False, selective: float = 0.0) -> MuscleFat:
+    """Draw per-muscle fat: healthy 2-8 % plus infiltration x susceptibility (patchy/streaky, both legs).
+
+    ``selective`` (probability 0-1 per muscle): muscles picked at random, whatever their susceptibility,
+    are fat-replaced to a mean FF of 0.55-0.9 in both legs (mostly patchy, with residual marbling), as
+    dystrophies spare some muscles and end-stage others side by side. 0 draws nothing extra.
+    """
     names = [lab.name for lab in anatomy.MUSCLES[region]]
     n = len(names)
     base_subj = rng.uniform(0.02, 0.06)
     sus = np.array([susceptibility[nm] for nm in names])
     sus = np.clip(sus * np.exp(rng.normal(0, 0.35 if randomize else 0.2, n)), 0.02, 1.0)
     diffuse_share = rng.uniform(0.25, 0.85) if randomize else rng.uniform(0.45, 0.85)
+    end_stage = rng.random(n) < selective if selective > 0 else np.zeros(n, bool)
+    end_ff = rng.uniform(0.55, 0.9, n) if selective > 0 else np.zeros(n)
     tabs = {k: np.zeros(N_CODES) for k in ("base", "diffuse", "frac", "alpha", "target")}
     for leg in (0, 1):
         base = np.clip(base_subj + rng.normal(0, 0.01, n), 0.02, 0.08)
         leg_f = np.exp(rng.normal(0, 0.12, n))
         excess = np.clip(infiltration * sus * leg_f * 0.9, 0.0, FF_MAX - base - 0.01)
+        if end_stage.any():
+            excess = np.where(end_stage, np.clip(end_ff * leg_f - base, 0.0, FF_MAX - base - 0.01), excess)
         diffuse = diffuse_share * excess
         frac = np.clip((excess - diffuse) / np.maximum(FF_MAX - base - diffuse, 1e-3), 0.0, 1.0)
         alpha = rng.uniform(0, 2 * np.pi, n)
@@ -102,6 +111,8 @@ def sample_muscle_fat(region: str, rng: np.random.Generator, infiltration: float
         tabs["target"][codes] = base + excess
     streak = float(np.clip(0.15 + 0.8 * infiltration * rng.uniform(0.5, 1.2), 0, 1))
     strands = float(rng.uniform(0.3, 0.9)) if randomize and infiltration > 0.4 and rng.random() < 0.6 else 0.0
+    if end_stage.any() and strands == 0.0 and rng.random() < 0.6:
+        strands = float(rng.uniform(0.3, 0.9))
     return MuscleFat(**tabs, streak=streak, strands=strands)
 
 

@@ -473,7 +473,8 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     infiltration = float(rng_opt.choice([0.0, rng_opt.uniform(0, 0.3), rng_opt.uniform(0.2, 0.7),
                                          rng_opt.uniform(0.6, 1.0)], p=[0.1, 0.25, 0.3, 0.35]))
     adiposity = float(rng_opt.beta(1.6, 1.6))
-    opts.update(infiltration=infiltration, adiposity=adiposity,
+    selective = float(rng_opt.uniform(0.1, 0.5)) if rng_opt.random() < 0.5 else 0.0
+    opts.update(infiltration=infiltration, adiposity=adiposity, selective=selective,
                 snr=float(np.exp(rng_opt.uniform(np.log(8), np.log(80)))), bias=float(rng_opt.uniform(0.0, 0.7)),
                 blur=float(rng_opt.uniform(0.0, 0.8)), swap=bool(rng_opt.random() < 0.05),
                 mask_background=bool(rng_opt.random() < 0.3),
@@ -546,7 +547,7 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
         return np.where(ok, codes[i, j, k], 0).astype(np.uint8), np.where(ok, gap[i, j, k], 1e3).astype(np.float32)
 
     spec = shapes.REGION_SPECS[region]
-    mfat = sig.sample_muscle_fat(region, rng_fat, infiltration, spec.susceptibility, True)
+    mfat = sig.sample_muscle_fat(region, rng_fat, infiltration, spec.susceptibility, True, selective)
     other = OTHER_MUSCLE
     for leg in (0, 1):  # muscle the region's list does not hold: its own healthy-to-infiltrated fat
         c = LEG_STRIDE * leg + other
