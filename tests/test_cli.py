@@ -164,3 +164,102 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys, command, argv):
     monkeypatch.setattr(cli, command, interrupted)
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "legcomp: interrupted"
+
+
+def test_closed_stdout_is_not_an_error(monkeypatch, capsys):
+    """``legcomp labels | head -2``: the reader goes away; no "error: Broken pipe", exit code 0."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["labels"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_closed_stdout_in_a_real_pipe():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from legcomp.cli import main; sys.exit(main())",
+                             "labels"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like head after its lines: closed before legcomp writes (it is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Broken pipe" not in err and "Error" not in err, err
+
+
+def test_usage_errors_are_one_line_and_choices_are_checked(capsys):
+    assert main(["run", "x", "--out", "y", "--region", "knee"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("legcomp: error: argument --region: invalid choice: 'knee'"), err
+    assert main(["predict", "x", "--out", "y", "--region", "calf", "--device", "tpu9"]) == 2  # choices pass
+    assert "tpu9" in capsys.readouterr().err
+    assert main(["--version"]) == 0
+
+
+@pytest.mark.parametrize("command,options", [("train", ["--epochs", "--lr"]), ("quantify", ["--quiet"]),
+                                             ("run", ["--overwrite", "--keep-ids"])])
+def test_every_option_has_help(capsys, command, options):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]
+    bare = [a.option_strings for a in sub._actions if a.option_strings and not a.help]
+    assert bare == [] and all(o in text for o in options)
+
+
+def test_phantom_without_region_makes_both(tmp_path, capsys):
+    assert main(["phantom", "--n", "1", "--out", str(tmp_path / "ph"), "--matrix", "48,32,4", "--spacing",
+                 "9,9,9", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ph").iterdir()) == ["calf_00000", "thigh_00000"]
+    assert "no --region: making 1 of each region" in capsys.readouterr().err
+
+
+def test_evaluate_mapping_leaves_unlabelled_structures_out(tmp_path, study, capsys):
+    """A reference in foreign ids without sartorius and gracilis: those are not applicable (no DSC 0 in the
+    means), and the summary says so."""
+    import nibabel as nib
+    import numpy as np
+
+    truth = tmp_path / "ref" / "thigh_00001"
+    truth.mkdir(parents=True)
+    for f in ("water.nii.gz", "fat.nii.gz"):
+        (truth / f).write_bytes((study / f).read_bytes())
+    img = nib.load(str(study / "stage2.nii.gz"))
+    s2 = np.asarray(img.dataobj).astype(np.int16)
+    left_out = {"sartorius", "gracilis"}
+    mapping = {}
+    foreign = np.zeros_like(s2)
+    for lab in anatomy.stage_labels(2, "thigh"):
+        if lab.name not in left_out:
+            foreign[s2 == lab.id] = lab.id + 100
+            mapping[str(lab.id + 100)] = lab.name
+    nib.save(nib.Nifti1Image(foreign, img.affine), str(truth / "reference_labels.nii.gz"))
+    (tmp_path / "ids.json").write_text(json.dumps({"region": "thigh", "map": mapping}))
+    assert (s2 == anatomy.label_by_name("sartorius", "thigh").id).any()  # predicted, but not in the reference
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--pred", str(study), "--truth", str(truth), "--mapping", str(tmp_path / "ids.json"),
+                 "--out", str(out)]) == 0
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert not set(metrics["structure"]) & left_out
+    dsc = metrics.query("metric == 'dsc'")["value"].dropna()
+    assert len(dsc) > 5 and (dsc == 1.0).all()
+    note = "Not labelled by the reference, left out of the means (not applicable, not DSC 0): gracilis, sartorius"
+    assert note in (out / "summary.md").read_text() and note in capsys.readouterr().out
+
+
+def test_sigterm_exits_143_and_the_handler_is_put_back(monkeypatch, capsys):
+    import os
+    import signal
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # a batch scheduler's time limit
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "cmd_info", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", "somewhere"]) == 143
+    assert capsys.readouterr().err.strip() == "legcomp: interrupted (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) == before

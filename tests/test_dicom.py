@@ -142,10 +142,10 @@ VENDORS = {
 }
 
 
-@pytest.mark.parametrize("vendor", sorted(VENDORS))
-def test_vendor_series_read_back_with_geometry(tmp_path, vendor):
+def _write_vendor(folder, vendor):
+    """One vendor's Dixon series (series i numbered 10 + i, in sub-folder s<i>) among distractors;
+    contrast -> the rescaled values written."""
     spec = VENDORS[vendor]
-    folder = tmp_path / spec["folder"]
     _add_distractors(folder)
     shared_uid = generate_uid() if spec["one_series"] else None
     written = {}
@@ -154,9 +154,18 @@ def test_vendor_series_read_back_with_geometry(tmp_path, vendor):
         _write_series(folder / f"s{i}", desc, itype, data, uid=shared_uid, number=10 + i,
                       extra={**spec["common"], **extra}, seed=i)
         written[contrast] = data * extra.get("RescaleSlope", 1.0) + extra.get("RescaleIntercept", 0.0)
+    return written
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_vendor_series_read_back_with_geometry(tmp_path, vendor):
+    spec = VENDORS[vendor]
+    folder = tmp_path / spec["folder"]
+    written = _write_vendor(folder, vendor)
     assert is_dicom_folder(folder)
-    s = read_dicom_study(folder)
+    s = read_dicom_study(folder, keep_ids=True)
     assert s.region == spec["region"] and s.name == "P042" and s.shape == (NX, NY, NZ)
+    assert read_dicom_study(folder).name == spec["folder"]  # the patient ID only with keep_ids
     assert set(s.derived) == {"in_phase", "opposed_phase"} - set(written)
 
     positions = _positions()
@@ -198,23 +207,29 @@ def _check_against_nibabel(study, contrast, path):
     assert np.allclose(study.image(contrast)[idx[0], idx[1], idx[2]], px.ravel(), atol=1e-3)
 
 
-def test_coronal_no_preamble_region_and_name_arguments(tmp_path):
-    """Coronal oblique stack (slice normal without z component), files without the DICM preamble."""
+def _write_coronal(folder, no_preamble=True):
+    """Coronal oblique water (series 0) and fat (series 1), files without the DICM preamble; (iop, positions)."""
     rot = _rot(0.0, 12.0) @ np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # columns: row dir, column dir, normal
     iop = np.concatenate([rot[:, 0], rot[:, 1]])
     normal = np.cross(iop[:3], iop[3:])
-    assert abs(normal[2]) < 1e-9
     positions = [ORIGIN + 4.0 * k * normal for k in range(NZ)]
     for i, t in enumerate(("WATER", "FAT")):
-        _write_series(tmp_path / "a", f"t1_vibe_dixon_{t[0]}", ["DERIVED", "PRIMARY", "DIXON", t], _data(i),
-                      iop=iop, positions=positions, no_preamble=True, number=i, seed=i)
+        _write_series(folder, f"t1_vibe_dixon_{t[0]}", ["DERIVED", "PRIMARY", "DIXON", t], _data(i),
+                      iop=iop, positions=positions, no_preamble=no_preamble, number=i + 1, seed=i)
+    return iop, positions
+
+
+def test_coronal_no_preamble_region_and_name_arguments(tmp_path):
+    """Coronal oblique stack (slice normal without z component), files without the DICM preamble."""
+    iop, positions = _write_coronal(tmp_path / "a")
+    assert abs(np.cross(iop[:3], iop[3:])[2]) < 1e-9
     assert is_dicom_folder(tmp_path / "a")
     s = read_dicom_study(tmp_path / "a", region="calf", name="x1")
     assert (s.region, s.name) == ("calf", "x1")
     assert np.allclose(s.input_affine, _expected_ras_affine(positions, iop=iop), atol=1e-3)
     assert np.allclose(s.to_input_orientation(s.water), _data(0))
     for f in (tmp_path / "a").iterdir():
-        _check_against_nibabel(s, "water" if f.name.startswith("IM00") else "fat", f)
+        _check_against_nibabel(s, "water" if f.name.startswith("IM01") else "fat", f)
 
 
 @pytest.mark.parametrize("image_type,desc,protocol,expected", [
@@ -320,8 +335,8 @@ def test_error_geometry_differs_between_series(tmp_path):
         read_dicom_study(tmp_path)
 
 
-def test_enhanced_multiframe_philips(tmp_path):
-    """One Enhanced MR file holding water and fat frames (FrameType WATER / FAT), frames shuffled."""
+def _write_enhanced(folder):
+    """One Enhanced MR file holding water and fat frames (FrameType WATER / FAT, shuffled), rescale slope 1.5."""
     water, fat = _data(0), _data(1)
     frames = [(c, k) for c in ("WATER", "FAT") for k in range(NZ)]
     random.Random(1).shuffle(frames)
@@ -350,16 +365,33 @@ def test_enhanced_multiframe_philips(tmp_path):
         item.PlanePositionSequence[0].ImagePositionPatient = [round(float(v), 6) for v in pos[k]]
         item.MRImageFrameTypeSequence = [Dataset()]
         item.MRImageFrameTypeSequence[0].FrameType = ["DERIVED", "PRIMARY", c, c]
+        item.FrameContentSequence = [Dataset()]  # as scanners write it: (stack, position in stack, contrast)
+        item.FrameContentSequence[0].StackID = "1"
+        item.FrameContentSequence[0].InStackPositionNumber = k + 1
+        item.FrameContentSequence[0].DimensionIndexValues = [1, k + 1, 1 + ("WATER", "FAT").index(c)]
         per.append(item)
     ds.PerFrameFunctionalGroupsSequence = per
+    dims = []
+    for pointer, group in ((0x00209056, 0x00209111), (0x00209057, 0x00209111), (0x00089208, 0x00189226)):
+        dims.append(Dataset())
+        dims[-1].DimensionIndexPointer, dims[-1].FunctionalGroupPointer = pointer, group
+    ds.DimensionIndexSequence = dims
     ds.NumberOfFrames, ds.Rows, ds.Columns = len(frames), NY, NX
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     vols = {"WATER": water, "FAT": fat}
     ds.PixelData = np.stack([vols[c][:, :, k].T for c, k in frames]).astype(np.uint16).tobytes()
-    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "enhanced.dcm", enforce_file_format=True)
+
+
+def test_enhanced_multiframe_philips(tmp_path):
+    """One Enhanced MR file holding water and fat frames (FrameType WATER / FAT), frames shuffled."""
+    water, fat, pos = _data(0), _data(1), _positions()
+    _write_enhanced(tmp_path)
     s = read_dicom_study(tmp_path)
-    assert s.region == "calf" and s.name == "E1"
+    assert s.region == "calf" and s.name == tmp_path.name  # not the PatientID (E1) without keep_ids
+    assert read_dicom_study(tmp_path, keep_ids=True).name == "E1"
     assert np.allclose(s.input_affine, _expected_ras_affine(pos), atol=1e-3)
     assert np.allclose(s.to_input_orientation(s.water)[:, :, ::-1], water * 1.5)
     assert np.allclose(s.to_input_orientation(s.fat)[:, :, ::-1], fat * 1.5)
@@ -395,7 +427,8 @@ def test_read_study_and_find_studies_flat_dicom(tmp_path):
         folder = root / name
         s = read_study(folder)
         ref = read_dicom_study(folder)
-        assert (s.source, s.name, s.region, s.shape) == (str(folder), "P042", region, (NX, NY, NZ))
+        assert (s.source, s.name, s.region, s.shape) == (str(folder), name, region, (NX, NY, NZ))
+        assert read_study(folder, keep_ids=True).name == "P042"
         assert len(s.derived) == 4 - contrasts
         np.testing.assert_array_equal(s.water, ref.water)
         np.testing.assert_array_equal(s.fat, ref.fat)
@@ -424,12 +457,150 @@ def test_read_study_dicom_one_folder_per_series(tmp_path):
     np.testing.assert_array_equal(s.fat, ref.fat)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3")
 def test_find_studies_one_folder_per_series_is_one_study(tmp_path):
-    """A study with one sub-folder per series is ONE study (today each series folder is listed as one)."""
+    """A study with one sub-folder per series is ONE study (it was: each series folder listed as one)."""
     from legcomp.io import find_studies
 
     root = tmp_path / "cohort"
     _per_series_study(root / "P4_thigh")
     _per_series_study(root / "P5_thigh")
     assert find_studies(root) == [root / "P4_thigh", root / "P5_thigh"]
+
+
+def test_find_studies_dicom_trees(tmp_path):
+    """Per-series studies beside a flat one, a localiser folder, a study lacking its fat series, nesting."""
+    from legcomp.io import find_studies
+
+    root = tmp_path / "cohort"
+    _per_series_study(root / "P4_thigh")
+    _write_series(root / "P4_thigh" / "series_00_loc", "localizer", ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                  _data(9)[:, :, :3], number=9)
+    _per_series_study(root / "site_b" / "P6" / "exam_1")  # PATIENT/STUDY/SERIES as PACS exports it
+    _siemens(root / "P7_flat")
+    _write_series(root / "P8_no_fat" / "water", "dixon_water", ["DERIVED", "PRIMARY", "DIXON", "WATER"], _data(0))
+    assert find_studies(root) == [root / "P4_thigh", root / "P7_flat", root / "P8_no_fat",
+                                  root / "site_b" / "P6" / "exam_1"]
+    assert find_studies(root / "P4_thigh") == [root / "P4_thigh"]  # a per-series study given itself
+    with pytest.raises(LegcompInputError, match=r"P8_no_fat: no fat series found"):
+        read_dicom_study(root / "P8_no_fat")
+
+
+def test_series_of_two_studies_are_not_one_acquisition(tmp_path):
+    _write_series(tmp_path / "w", "dixon_W", ["DERIVED", "PRIMARY", "DIXON", "WATER"], _data(0),
+                  extra={"StudyInstanceUID": generate_uid()})
+    _write_series(tmp_path / "f", "dixon_F", ["DERIVED", "PRIMARY", "DIXON", "FAT"], _data(1),
+                  extra={"StudyInstanceUID": generate_uid()})
+    with pytest.raises(LegcompInputError, match=r"2 different studies"):
+        read_dicom_study(tmp_path)
+
+
+PATIENT = {"PatientName": "DOE^JANE", "PatientBirthDate": "19610203", "PatientID": "../MRN-77321",
+           "OtherPatientIDs": "MRN-55120", "PatientSex": "F", "StudyInstanceUID": generate_uid(),
+           "FrameOfReferenceUID": generate_uid(), "StudyID": "1", "AccessionNumber": "A1", "StudyDate": "20240101",
+           "StudyTime": "120000", "ReferringPhysicianName": "", "Manufacturer": "SIEMENS",
+           "BodyPartExamined": "THIGH", "PositionReferenceIndicator": ""}
+
+
+@pytest.mark.filterwarnings("ignore:Expected implicit VR:UserWarning")
+def test_run_on_a_cohort_of_per_series_dicom_studies_keeps_no_patient_ids(tmp_path, stub_cascade):
+    """``legcomp run`` on a cohort whose studies hold one sub-folder per series: one output per study, and
+    no patient name, ID or birth date in any output unless --keep-ids."""
+    from legcomp.cli import main
+
+    root = tmp_path / "cohort"
+    for name in ("P4_thigh", "P5_thigh"):
+        for i, (t, c) in enumerate((("WATER", "water"), ("FAT", "fat"))):
+            _write_series(root / name / f"{i + 1:02d}_{c}", f"dixon_{c}", ["DERIVED", "PRIMARY", "DIXON", t],
+                          _data(i), number=i + 1, seed=i, extra=PATIENT)
+    out = tmp_path / "out"
+    args = ["run", str(root), "--weights", str(stub_cascade.weights), "--quiet", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["P4_thigh", "P5_thigh"]
+    assert sorted(stub_cascade.calls) == ["P4_thigh", "P5_thigh"]
+    assert (out / "P4_thigh" / "overlay.png").is_file()
+
+    def text_of(folder):
+        return "\n".join(p.read_bytes().decode("latin-1") for p in folder.rglob("*") if p.is_file())
+
+    written = text_of(out)  # the DICOM segmentation included, where highdicom made one
+    for value in ("DOE", "JANE", "19610203", "MRN-77321", "MRN-55120", "P042"):
+        assert value not in written, value
+    # asked for: the PatientID names the study (made safe as a name); folders stay named by the input's
+    assert main([*args, "--out", str(tmp_path / "ids"), "--keep-ids"]) == 0
+    table = (tmp_path / "ids" / "cohort_volumes.csv").read_text()
+    assert "_MRN-77321" in table and "../MRN" not in table
+    assert sorted(p.name for p in (tmp_path / "ids").iterdir() if p.is_dir()) == ["P4_thigh", "P5_thigh"]
+
+
+# --------------------------------------------------------------------------- against dcm2niix
+
+def _dcm2niix() -> str:
+    try:
+        import dcm2niix
+        return str(dcm2niix.bin)
+    except ImportError:
+        import shutil
+
+        found = shutil.which("dcm2niix")
+        if not found:
+            pytest.skip("dcm2niix is not installed (pip install dcm2niix, or the test extra)")
+        return found
+
+
+def _layout(folder, kind):
+    """Write one DICOM layout; returns {series number: contrast} and, for a multi-frame file, the contrast of
+    each volume of dcm2niix's 4D output (in dimension-index order)."""
+    if kind in VENDORS:
+        _write_vendor(folder, kind)
+        return {10 + i: c for i, (c, *_rest) in enumerate(VENDORS[kind]["series"])}, None
+    if kind == "coronal":
+        _write_coronal(folder, no_preamble=False)  # dcm2niix wants the preamble
+        return {1: "water", 2: "fat"}, None
+    _write_enhanced(folder)
+    return {5: None}, ["water", "fat"]
+
+
+@pytest.mark.parametrize("kind", [*sorted(VENDORS), "coronal", "enhanced"])
+def test_reader_matches_dcm2niix(tmp_path, kind):
+    """legcomp's array and affine match the field's reference converter within 1e-3 (mm) for every layout these
+    tests write: the vendors' spellings (oblique stacks), a coronal oblique stack, an enhanced multi-frame file."""
+    import json
+    import subprocess
+
+    import nibabel as nib
+
+    exe = _dcm2niix()
+    numbers, volumes = _layout(tmp_path / "dicom", kind)
+    (tmp_path / "nii").mkdir()
+    run = subprocess.run([exe, "-z", "n", "-b", "y", "-f", "%s_%p", "-o", str(tmp_path / "nii"),
+                          str(tmp_path / "dicom")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    study = read_dicom_study(tmp_path / "dicom")
+    compared = []
+    for nii in sorted((tmp_path / "nii").glob("*.nii")):
+        number = json.loads(nii.with_suffix(".json").read_text()).get("SeriesNumber")
+        if number not in numbers:
+            continue  # a localiser or other distractor
+        img = nib.as_closest_canonical(nib.load(str(nii)))
+        data = img.get_fdata()
+        contrasts = volumes if data.ndim == 4 else [numbers[number]]
+        stack = data if data.ndim == 4 else data[..., None]
+        assert stack.shape[3] == len(contrasts)
+        for v, contrast in enumerate(contrasts):
+            np.testing.assert_allclose(img.affine, study.affine, atol=1e-3, rtol=0)
+            np.testing.assert_allclose(stack[..., v], study.image(contrast), atol=1e-3, rtol=0)
+            compared.append(contrast)
+    assert sorted(compared) == sorted(c for c in (volumes or numbers.values()))
+
+
+def test_strip_patient_ids(tmp_path):
+    from legcomp.io.dicom import strip_patient_ids
+
+    _write_series(tmp_path, "dixon_W", ["DERIVED", "PRIMARY", "DIXON", "WATER"], _data(0)[:, :, :2], extra=PATIENT)
+    f = sorted(tmp_path.iterdir())[0]
+    strip_patient_ids(f)
+    ds = pydicom.dcmread(f)
+    assert (ds.PatientName, ds.PatientID, ds.PatientBirthDate) == ("", "", "") and "OtherPatientIDs" not in ds
+    assert ds.PatientSex == "F" and ds.StudyInstanceUID == PATIENT["StudyInstanceUID"]  # the rest is kept
+    raw = f.read_bytes()
+    assert b"DOE" not in raw and b"19610203" not in raw and b"MRN-" not in raw

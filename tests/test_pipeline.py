@@ -1,5 +1,8 @@
 """The main job end to end: cascade, output geometry, cohorts, failures, weights errors, region detection."""
 
+import json
+import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -236,3 +239,141 @@ def test_single_leg_runs(tmp_path, tiny_weights):
 def test_bad_device_is_an_input_error(thigh_case, tmp_path, capsys):
     assert main(["run", str(thigh_case), "--out", str(tmp_path / "o"), "--device", "tpu9", "--quiet"]) == 2
     assert "device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- cohorts: re-runs, interrupts, names
+TINY_FAST = dict(matrix=(48, 32, 4), spacing=(9.0, 9.0, 9.0), supersample=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    """Three tiny labelled thigh phantoms (a cohort folder); copy it before changing it."""
+    root = tmp_path_factory.mktemp("tiny") / "cohort"
+    for seed in (1, 2, 3):
+        write_phantom(generate("thigh", seed, **TINY_FAST), root / f"thigh_{seed:05d}")
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _run(cohort, out, weights, *extra):
+    return main(["run", str(cohort), "--out", str(out), "--weights", str(weights), "--quiet", "--no-overlay",
+                 "--device", "cpu", *extra])
+
+
+def _no_temporary_folders(root: Path) -> None:
+    left = [p for p in root.rglob("*") if p.name.startswith((".legcomp-tmp", ".cohort")) or ".tmp" in p.name]
+    assert not left, left
+
+
+def test_rerun_skips_studies_done_from_the_same_inputs_weights_and_options(tmp_path, tiny_cohort, stub_cascade,
+                                                                          capsys):
+    cohort, out = _copy(tiny_cohort, tmp_path / "cohort"), tmp_path / "out"
+    assert _run(cohort, out, stub_cascade.weights) == 0
+    assert len(stub_cascade.calls) == 3
+    fp = json.loads((out / "thigh_00001" / "run.json").read_text())["fingerprint"]
+    assert set(fp) == {"inputs", "options", "weights"} and fp["options"]["fat_rule"] == "seed"
+    first = (out / "cohort_volumes.csv").read_text()
+    stub_cascade.calls.clear()
+    capsys.readouterr()
+    assert _run(cohort, out, stub_cascade.weights) == 0
+    assert stub_cascade.calls == []  # nothing recomputed
+    assert "3 up to date, skipped" in capsys.readouterr().out
+    assert (out / "cohort_volumes.csv").read_text() == first  # the skipped studies' volumes are in it
+    # a changed input, a missing output: only those studies again
+    fat = cohort / "thigh_00002" / "fat.nii.gz"
+    img = nib.load(str(fat))
+    nib.save(nib.Nifti1Image(img.get_fdata() * 1.01, img.affine), str(fat))
+    (out / "thigh_00003" / "volumes.json").unlink()
+    assert _run(cohort, out, stub_cascade.weights) == 0
+    assert sorted(stub_cascade.calls) == ["thigh_00002", "thigh_00003"]
+    # another option, other weights, or --overwrite: all again
+    for extra, weights in ((["--fat-rule", "ff:0.5"], stub_cascade.weights), ([], tmp_path / "w2"),
+                           (["--overwrite"], tmp_path / "w2")):
+        if weights != stub_cascade.weights and not weights.exists():
+            _copy(stub_cascade.weights, weights)
+            (weights / "thigh_stage2.pt").write_bytes(b"other stage-2 weights")
+        stub_cascade.calls.clear()
+        assert _run(cohort, out, weights, *extra) == 0
+        assert len(stub_cascade.calls) == 3, extra
+    _no_temporary_folders(tmp_path)
+
+
+def test_single_study_rerun_is_skipped_too(tmp_path, tiny_cohort, stub_cascade, capsys):
+    study, out = tiny_cohort / "thigh_00001", tmp_path / "out"
+    assert _run(study, out, stub_cascade.weights) == 0
+    assert _run(study, out, stub_cascade.weights) == 0
+    assert len(stub_cascade.calls) == 1 and "up to date" in capsys.readouterr().out
+    assert main(["predict", str(study), "--out", str(out), "--weights", str(stub_cascade.weights), "--quiet",
+                 "--device", "cpu"]) == 0  # other options (no quantification): done again
+    assert len(stub_cascade.calls) == 2
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_cohort_writes_its_tables_and_leaves_no_temporary_folder(tmp_path, tiny_cohort, stub_cascade,
+                                                                            capsys, signum, code):
+    """A batch scheduler's SIGTERM (or Ctrl-C) in the middle of the second study."""
+    out = tmp_path / "out"
+    stub_cascade.on_predict = lambda n: os.kill(os.getpid(), signum) if n == 2 else None
+    assert _run(tiny_cohort, out, stub_cascade.weights) == code
+    assert stub_cascade.calls == ["thigh_00001", "thigh_00002"]
+    assert (out / "thigh_00001" / "run.json").is_file() and not (out / "thigh_00002").exists()
+    assert set(pd.read_csv(out / "cohort_volumes.csv")["subject"]) == {"thigh_00001"}
+    fails = pd.read_csv(out / "failures.csv")
+    assert list(fails["study"]) == [str(tiny_cohort / "thigh_00002"), str(tiny_cohort / "thigh_00003")]
+    assert all(f"interrupted by {signal.Signals(signum).name}" in e for e in fails["error"])
+    _no_temporary_folders(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is not None and "interrupted" in capsys.readouterr().err
+    # the next run does what is left, and failures.csv goes
+    stub_cascade.on_predict = None
+    assert _run(tiny_cohort, out, stub_cascade.weights) == 0
+    assert stub_cascade.calls[2:] == ["thigh_00002", "thigh_00003"] and not (out / "failures.csv").exists()
+    assert len(pd.read_csv(out / "cohort_volumes.csv")["subject"].unique()) == 3
+
+
+def test_output_folder_on_another_device(tmp_path, tiny_cohort, stub_cascade, monkeypatch):
+    """The output folder is a mount point (``docker -v host:/out``): a rename into it from anywhere outside
+    fails with EXDEV, as the kernel does across devices. Outputs are staged inside it, so all is well."""
+    import errno
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real_replace, real_rename = os.replace, os.rename
+
+    def same_device(src, dst) -> bool:
+        inside = [Path(os.path.abspath(p)).is_relative_to(mount) for p in (src, dst)]
+        return inside[0] == inside[1]
+
+    def guarded(real):
+        def move(src, dst, *a, **k):
+            if not same_device(src, dst):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+            return real(src, dst, *a, **k)
+        return move
+
+    monkeypatch.setattr(os, "replace", guarded(real_replace))
+    monkeypatch.setattr(os, "rename", guarded(real_rename))
+    assert _run(tiny_cohort / "thigh_00001", mount, stub_cascade.weights) == 0
+    assert (mount / "volumes.csv").is_file() and (mount / "run.json").is_file()
+    assert _run(tiny_cohort, mount / "cohort", stub_cascade.weights) == 0
+    assert (mount / "cohort" / "cohort_volumes.csv").is_file()
+    _no_temporary_folders(tmp_path)
+
+
+def test_output_folder_names_are_sanitised(tmp_path, tiny_cohort, stub_cascade):
+    cohort = tmp_path / "cohort"
+    bad = "x\x1b[31m red\nthigh:1"
+    _copy(tiny_cohort / "thigh_00001", cohort / bad)
+    _copy(tiny_cohort / "thigh_00002", cohort / "sub" / "thigh_2")
+    out = tmp_path / "out"
+    assert _run(cohort, out, stub_cascade.weights) == 0
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == ["sub_thigh_2", "x_[31m red_thigh_1"]
+    for p in out.rglob("*"):
+        assert p.resolve().is_relative_to(out.resolve()) and not any(ord(c) < 32 for c in p.name), p
+    assert set(pd.read_csv(out / "cohort_volumes.csv")["subject"]) == set(names)

@@ -167,6 +167,26 @@ def test_incomplete_flag_keeps_volume(q):
     assert q.value("adductor_longus", "incomplete", "total") == 0
 
 
+def test_incomplete_only_when_the_field_of_view_cuts_a_large_cross_section():
+    """A muscle that tapers to a thin end on the first and last slice ends inside the image: complete;
+    one as wide on an edge slice as anywhere goes on beyond it: incomplete."""
+    from legcomp.quantification.core import INCOMPLETE_AREA_FRACTION
+
+    w, f, s1, s2 = build_inputs()
+    s2[9:14, 8:22, [0, 7]] = 0  # right-leg RF: 1 of its 6 rows left on the edge slices
+    assert 1 / 6 < INCOMPLETE_AREA_FRACTION
+    a = affine_in()
+    st = make_study({"water": (w, a, "w"), "fat": (f, a, "f")}, region="thigh", name="taper",
+                    labels={"stage1": (s1, a, "s1"), "stage2": (s2, a, "s2")})
+    res = quantify(st, st.labels["stage1"], st.labels["stage2"])
+    assert res.value("rectus_femoris", "incomplete", "right") == 0
+    assert res.value("rectus_femoris", "incomplete", "total") == 0
+    assert res.value("vastus_lateralis", "incomplete", "right") == 1  # 7 rows on every slice
+    assert res.value("whole_muscle", "incomplete", "left") == 0  # slices 2-5 of 8: inside the image
+    assert res.value("whole_muscle", "incomplete", "total") == 1  # the right leg is cut
+    assert "rectus_femoris" not in res.meta["flags"]["incomplete"]
+
+
 def test_masks(q, study):
     s1, s2 = study.labels["stage1"], study.labels["stage2"]
     fat = fat_mask(study)

@@ -290,7 +290,8 @@ def test_run_json_names_each_stages_own_training_data(tmp_path, monkeypatch):
     cascade = Cascade.load("thigh", weights, "cpu")
     (study_path,) = write_toy_cohort(tmp_path / "study", 1, shape=SHAPE, seed=80)
     study = read_study(study_path)
-    monkeypatch.setattr(Cascade, "predict", lambda self, st: (st.labels["stage1"], st.labels["stage2"]))
+    monkeypatch.setattr(Cascade, "predict", lambda self, st, return_confidence=False: (
+        (st.labels["stage1"], st.labels["stage2"], {}) if return_confidence else (st.labels["stage1"], st.labels["stage2"])))
     process_study(study, tmp_path / "out", cascade, quantify=False, overlay=False)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     by_stage = run["weights_trained_on"]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
 from legcomp import __version__
-from legcomp.errors import LegcompInputError
+from legcomp.errors import Interrupted, LegcompInputError
 
 EXAMPLES = """examples:
   legcomp run study_folder/ --out results/          segment and quantify one study (or a cohort folder)
@@ -67,7 +70,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from legcomp.io import read_study
-    s = read_study(args.path, region=args.region)
+    s = read_study(args.path, region=args.region, keep_ids=args.keep_ids)
     info = {
         "name": s.name, "source": s.source, "region": s.region,
         "contrasts_read": [c for c in ("water", "fat", "in_phase", "opposed_phase") if c not in s.derived],
@@ -106,20 +109,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     from legcomp import phantom
-    from legcomp.anatomy import check_region
-    region = check_region(args.region)
+    from legcomp.anatomy import REGIONS, check_region
+    regions = [check_region(args.region)] if args.region else list(REGIONS)
+    if not args.region:
+        print(f"legcomp: no --region: making {args.n} of each region ({', '.join(regions)})", file=sys.stderr)
     opts = dict(spacing=args.spacing, legs=args.legs, infiltration=args.infiltration, adiposity=args.adiposity,
                 snr=args.snr, bias=args.bias, swap=args.swap, randomize=args.randomize)
     if args.matrix is not None:
         opts["matrix"] = args.matrix
-    folders = phantom.generate_cohort(region, args.n, args.seed, args.out, progress=not args.quiet, **opts)
+    folders = [f for region in regions
+               for f in phantom.generate_cohort(region, args.n, args.seed, args.out, progress=not args.quiet, **opts)]
     return _list_studies(folders, args.preview)
 
 
 def cmd_quantify(args: argparse.Namespace) -> int:
     from legcomp.quantification import quantify_files
     q = quantify_files(args.study, args.stage1, args.stage2, args.out, region=args.region,
-                       fat_rule=args.fat_rule, mapping=args.mapping)
+                       fat_rule=args.fat_rule, mapping=args.mapping, keep_hip=args.keep_hip)
     if not args.quiet:
         _print_summary(q.table)
     print(f"wrote {args.out}")
@@ -131,7 +137,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from legcomp.evaluation.core import summary_markdown
     ev = evaluate_paths(args.pred, args.truth, args.out, fat_rule=args.fat_rule, mapping=args.mapping,
                         region=args.region)
-    print(summary_markdown(ev.summary, ev.errors, ev.metrics["subject"].nunique() if len(ev.metrics) else 0))
+    print(summary_markdown(ev.summary, ev.errors, ev.metrics["subject"].nunique() if len(ev.metrics) else 0,
+                           ev.not_labelled))
     if args.out:
         print(f"wrote {args.out}")
     return 1 if ev.errors else 0
@@ -156,13 +163,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from legcomp.pipeline import run_cohort
     return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
-                      quantify=False, overlay=False, progress=not args.quiet)
+                      quantify=False, overlay=False, progress=not args.quiet, keep_ids=args.keep_ids,
+                      overwrite=args.overwrite, fix_swap=args.fix_swap)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from legcomp.pipeline import run_cohort
     return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
-                      quantify=True, overlay=not args.no_overlay, fat_rule=args.fat_rule, progress=not args.quiet)
+                      quantify=True, overlay=not args.no_overlay, fat_rule=args.fat_rule, progress=not args.quiet,
+                      keep_hip=args.keep_hip, keep_ids=args.keep_ids, overwrite=args.overwrite,
+                      report=not args.no_report, dicom_seg=not args.no_dicom_seg, fix_swap=args.fix_swap)
 
 
 def _print_summary(table) -> None:
@@ -172,8 +182,21 @@ def _print_summary(table) -> None:
 
 
 # --------------------------------------------------------------------------- parser
+KEEP_IDS_HELP = ("name DICOM studies by their PatientID; by default no patient name, ID or birth date from DICOM "
+                 "headers reaches the outputs (studies are named by their folders)")
+HIP_HELP = ("keep the hip/pelvis slices (legs joined in one cross-section, above the slices with the legs apart) "
+            "in the volumes, split at the body midline; by default they are left out, with a note in run.json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"legcomp: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="legcomp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Thigh and calf muscle and fat composition from two-point Dixon MRI.")
     p.add_argument("--version", action="version", version=f"legcomp {__version__}")
@@ -195,15 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", help="study folder or one of its NIfTI files")
     sp.add_argument("--region", help="thigh or calf (overrides the folder name)")
     sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument("--keep-ids", action="store_true", help=KEEP_IDS_HELP)
 
     sp = add("phantom", cmd_phantom, "generate synthetic two-point Dixon thighs or calves with exact ground truth")
-    sp.add_argument("--region", required=True, help="thigh or calf")
-    sp.add_argument("--n", type=int, default=1, help="number of subjects (default 1)")
+    sp.add_argument("--region", help="thigh or calf (default: --n of each)")
+    sp.add_argument("--n", type=int, default=1, help="number of subjects (of each region without --region; default 1)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the first subject; subject i uses seed+i")
     sp.add_argument("--out", required=True, help="output folder (one sub-folder per subject)")
     sp.add_argument("--spacing", type=_floats(3), default=(1.5, 1.5, 5.0), help="voxel size x,y,z in mm (1.5,1.5,5)")
     sp.add_argument("--matrix", type=_ints(3), default=None, help="matrix nx,ny,nz (default: region's)")
-    sp.add_argument("--legs", choices=["both", "left", "right"], default="both")
+    sp.add_argument("--legs", choices=["both", "left", "right"], default="both", help="which legs (default both)")
     sp.add_argument("--infiltration", type=float, default=0.3, help="fat infiltration severity 0..1")
     sp.add_argument("--adiposity", type=float, default=0.5, help="subcutaneous adiposity 0..1")
     sp.add_argument("--snr", type=float, default=30.0, help="signal-to-noise ratio in muscle")
@@ -242,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fat-rule", default="seed", help=fat_help)
     sp.add_argument("--mapping", help="JSON file (or shipped name, e.g. huashan_thigh) mapping foreign label "
                     "ids to legcomp names")
-    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--keep-hip", action="store_true", help=HIP_HELP)
+    sp.add_argument("--quiet", action="store_true", help="print only the output folder (no volume summary)")
 
     sp = add("evaluate", cmd_evaluate, "DSC, HD95 and volume errors of predicted masks against ground truth")
     sp.add_argument("--pred", required=True, help="prediction folder (one subject, or one sub-folder per subject)")
@@ -281,23 +306,64 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, func, help)
         sp.add_argument("input", help="study folder, or a folder of study folders (NIfTI or DICOM)")
         sp.add_argument("--out", required=True, help="output folder")
-        sp.add_argument("--region", help="thigh or calf (default: from folder names, else detected)")
+        sp.add_argument("--region", choices=["thigh", "calf"],
+                        help="thigh or calf (default: from folder names, else detected)")
         sp.add_argument("--weights", help="folder of weights (default: the bundled phantom-trained weights)")
         sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="redo studies whose outputs are complete and were made from the same inputs, weights "
+                        "and options (run.json's fingerprint); by default they are skipped")
+        sp.add_argument("--keep-ids", action="store_true", help=KEEP_IDS_HELP)
+        sp.add_argument("--fix-swap", action="store_true",
+                        help="exchange water and fat back where they look swapped (whole series, slices, a leg or a "
+                        "region), before segmenting; without it a swap is only reported (stderr, run.json)")
         if name == "run":
             sp.add_argument("--fat-rule", default="seed", help=fat_help)
             sp.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
+            sp.add_argument("--keep-hip", action="store_true", help=HIP_HELP)
+            sp.add_argument("--no-report", action="store_true",
+                            help="skip report.html (per study) and index.html (per cohort)")
+            sp.add_argument("--no-dicom-seg", action="store_true",
+                            help="skip segmentation.dcm (DICOM Segmentation object, DICOM input only)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``legcomp`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command_line = shlex.join(["legcomp", *(sys.argv[1:] if argv is None else argv)])
+def _raise_interrupted(signum: int, frame: object) -> None:
+    """Signal handler: SIGTERM becomes an exception, so that temporary folders are removed on the way out."""
+    raise Interrupted(signum)
+
+
+def _stdout_closed() -> int:
+    """Exit code 0 after the reader of stdout went away (``legcomp labels | head -2``): not an error.
+    Further output is sent to /dev/null so that the interpreter's final flush stays quiet."""
     try:
-        return int(args.func(args) or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``legcomp`` console script; returns the exit code: 0 done, 1 some studies of a cohort
+    failed, 2 bad input (one stderr line), 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2, one line on stderr)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    args.command_line = shlex.join(["legcomp", *(sys.argv[1:] if argv is None else argv)])
+    previous = _on_sigterm(_raise_interrupted)
+    try:
+        if getattr(args, "out", None):
+            from legcomp.io.atomic import check_output_folder
+            check_output_folder(args.out)  # an existing file, or a file on the way: before any work
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except LegcompInputError as exc:
         print(f"legcomp: error: {exc}", file=sys.stderr)
         return 2
@@ -305,9 +371,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"legcomp: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGTERM
+        print(f"legcomp: interrupted ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("legcomp: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _on_sigterm(previous)
+
+
+def _on_sigterm(handler: object) -> object:
+    """Install a SIGTERM handler (only the main thread may); returns the one it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

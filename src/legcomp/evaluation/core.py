@@ -16,7 +16,9 @@ Arrays are (x, y, z), canonical RAS+. Metrics (column ``metric`` of the tidy tab
   for the partial-volume-aware estimate (``pred_pv_fat_volume_ml``,
   ``exact_pv_fat_volume_error_pct``, ``reference_pv_fat_volume_error_pct``).
 
-DSC of a structure absent from both maps is NaN; HD95 is NaN when either map lacks it.
+DSC of a structure absent from both maps is NaN; HD95 is NaN when either map lacks it. A structure the
+reference does not label at all (no id of the ``mapping`` maps to it) is not applicable: it has no
+segmentation rows, so it stays out of the means, and the summary names it.
 """
 
 from __future__ import annotations
@@ -54,20 +56,25 @@ class Evaluation:
         metrics: tidy per-subject table (columns :data:`METRIC_COLUMNS`).
         summary: per structure, leg and metric: mean, sd (ddof 1), n over subjects.
         errors: subject -> one-line reason it could not be evaluated.
+        not_labelled: subject -> structures its reference does not label (left out, not scored 0).
     """
 
     metrics: pd.DataFrame
     summary: pd.DataFrame
     errors: dict[str, str] = field(default_factory=dict)
+    not_labelled: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _seg_metrics(pred: np.ndarray, truth: np.ndarray, labs, spacing, vox_ml: float) -> list[tuple[str, str, float]]:
+def _seg_metrics(pred: np.ndarray, truth: np.ndarray, labs, spacing, vox_ml: float,
+                 skip: frozenset[str] = frozenset()) -> list[tuple[str, str, float]]:
     n = max([lab.id for lab in labs] + [int(pred.max()), int(truth.max())]) + 1
     c = confusion(pred, truth, n)
     dsc = dice_from_confusion(c)
     vp, vt = c.sum(1) * vox_ml, c.sum(0) * vox_ml
     out = []
     for lab in labs:
+        if lab.name in skip:  # the reference does not label it: not applicable
+            continue
         i = lab.id
         out.append((lab.name, "dsc", float(dsc[i])))
         hd = hausdorff95(pred == i, truth == i, spacing) if vp[i] > 0 and vt[i] > 0 else float("nan")
@@ -161,7 +168,8 @@ def exact_fat_volumes(truth: dict) -> dict[tuple[str, str], float]:
 def evaluate_subject(pred_stage1: np.ndarray | None, pred_stage2: np.ndarray | None,
                      true_stage1: np.ndarray | None, true_stage2: np.ndarray | None, study: DixonStudy, *,
                      region: str | None = None, fat_rule: str = "seed", truth: dict | None = None,
-                     legs: np.ndarray | None = None, subject: str | None = None) -> pd.DataFrame:
+                     legs: np.ndarray | None = None, subject: str | None = None,
+                     not_labelled: frozenset[str] = frozenset()) -> pd.DataFrame:
     """Metrics of one subject (tidy DataFrame, columns :data:`METRIC_COLUMNS`).
 
     Args:
@@ -173,6 +181,7 @@ def evaluate_subject(pred_stage1: np.ndarray | None, pred_stage2: np.ndarray | N
         fat_rule: fat rule for MAT/IntraMAT/InterMAT (see :func:`legcomp.quantification.fat_mask`).
         truth: parsed ``truth.json`` (exact fat volumes), optional.
         legs: leg map; default from the reference labels, shared by prediction and reference.
+        not_labelled: structures the reference does not label: no segmentation metrics (not applicable).
     """
     subject = subject or study.name
     reg = region or study.region
@@ -189,8 +198,9 @@ def evaluate_subject(pred_stage1: np.ndarray | None, pred_stage2: np.ndarray | N
                 fg |= np.asarray(a) > 0
         legs = leg_map(fg, study.affine, muscles=ts2, region=reg if ts2 is not None else None)
     qp = quantify(study, pred_stage1 if ts1 is not None else None, pred_stage2 if ts2 is not None else None,
-                  region=reg, fat_rule=fat_rule, legs=legs, subject=subject)
-    qt = quantify(study, ts1, ts2, region=reg, fat_rule=fat_rule, legs=legs, subject=subject)
+                  region=reg, fat_rule=fat_rule, legs=legs, subject=subject, keep_hip=True)
+    # keep_hip: both compared over the whole field of view (hip slices are a reporting choice, not an error)
+    qt = quantify(study, ts1, ts2, region=reg, fat_rule=fat_rule, legs=legs, subject=subject, keep_hip=True)
     spacing, vox_ml = study.spacing, study.voxel_volume_ml
     rows: list[tuple[str, str, float]] = []
     for stage, p, t in pairs:
@@ -200,7 +210,8 @@ def evaluate_subject(pred_stage1: np.ndarray | None, pred_stage2: np.ndarray | N
         if p.shape != study.shape or t.shape != study.shape:
             raise LegcompInputError(f"{subject}: stage-{stage} maps {p.shape} / {t.shape} "
                                     f"differ from the study's {study.shape}")
-        rows += [("total", *r) for r in _seg_metrics(p, t, anatomy.stage_labels(stage, reg), spacing, vox_ml)]
+        rows += [("total", *r) for r in _seg_metrics(p, t, anatomy.stage_labels(stage, reg), spacing, vox_ml,
+                                                      frozenset(not_labelled))]
     exact = exact_fat_volumes(truth) if truth else {}
 
     def fat_table(q, measure: str = "fat_volume_ml") -> dict[tuple[str, str], float]:
@@ -236,11 +247,16 @@ def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def summary_markdown(summary: pd.DataFrame, errors: dict[str, str] | None = None, n_subjects: int | None = None) -> str:
-    """The summary as a markdown table: one row per structure (and leg), ``mean ± SD`` per metric."""
+def summary_markdown(summary: pd.DataFrame, errors: dict[str, str] | None = None, n_subjects: int | None = None,
+                     not_labelled: dict[str, list[str]] | None = None) -> str:
+    """The summary as a markdown table: one row per structure (and leg), ``mean ± SD`` per metric; then the
+    structures a reference does not label (left out of the means) and the subjects not evaluated."""
     lines = ["# legcomp evaluation summary", ""]
     if n_subjects is not None:
         lines += [f"Subjects evaluated: {n_subjects}" + (f"; failed: {len(errors)}" if errors else ""), ""]
+    for names, subjects in _group_subjects(not_labelled or {}).items():
+        lines += [f"Not labelled by the reference, left out of the means (not applicable, not DSC 0): "
+                  f"{', '.join(names)} ({', '.join(subjects)})", ""]
     for (region, group) in (summary.groupby("region", sort=False) if not summary.empty else []):
         for title, metrics in (("Segmentation", ["dsc", "hd95_mm", "volume_error_pct", "abs_volume_error_pct"]),
                                ("Fat volumes", ["fat_volume_error_pct", "abs_fat_volume_error_pct",
@@ -268,6 +284,21 @@ def summary_markdown(summary: pd.DataFrame, errors: dict[str, str] | None = None
     return "\n".join(lines)
 
 
+def _group_subjects(not_labelled: dict[str, list[str]]) -> dict[tuple[str, ...], list[str]]:
+    """Subjects grouped by the (sorted) structures their reference leaves unlabelled; empty lists left out."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for subject, names in sorted(not_labelled.items()):
+        if names:
+            groups.setdefault(tuple(sorted(names)), []).append(subject)
+    return groups
+
+
+def not_labelled_by(mapping, region: str, stage: int) -> list[str]:
+    """Structures of ``stage`` that no id of a label mapping maps to: the reference does not label them."""
+    mapped = {name for name in mapping.values() if name}
+    return [lab.name for lab in anatomy.stage_labels(stage, region) if lab.name not in mapped]
+
+
 def _find_nii(folder: Path, stems: tuple[str, ...]) -> Path | None:
     for stem in stems:
         for ext in (".nii.gz", ".nii"):
@@ -290,7 +321,9 @@ def _is_pred_folder(folder: Path) -> bool:
     return any(_find_nii(folder, s) for s in PRED_NAMES.values())
 
 
-def _evaluate_pair(pred_dir: Path, truth_dir: Path, *, fat_rule: str, mapping, region: str | None) -> pd.DataFrame:
+def _evaluate_pair(pred_dir: Path, truth_dir: Path, *, fat_rule: str, mapping,
+                   region: str | None) -> tuple[pd.DataFrame, list[str]]:
+    """Metrics of one subject, and the structures its reference does not label (by the mapping)."""
     from legcomp.io.nifti import read_label_map, read_study
     from legcomp.quantification.mapping import apply_label_mapping, load_label_mapping, mapping_stage
 
@@ -324,8 +357,11 @@ def _evaluate_pair(pred_dir: Path, truth_dir: Path, *, fat_rule: str, mapping, r
     legs = study.labels.get("legs")
     if legs is not None and not legs.any():
         legs = None
-    return evaluate_subject(preds["stage1"], preds["stage2"], truths["stage1"], truths["stage2"], study,
-                            region=reg, fat_rule=fat_rule, truth=truth_json, legs=legs, subject=truth_dir.name)
+    unlabelled = not_labelled_by(mp, reg, mstage) if mp is not None and mstage is not None else []
+    metrics = evaluate_subject(preds["stage1"], preds["stage2"], truths["stage1"], truths["stage2"], study,
+                               region=reg, fat_rule=fat_rule, truth=truth_json, legs=legs, subject=truth_dir.name,
+                               not_labelled=frozenset(unlabelled))
+    return metrics, unlabelled
 
 
 def evaluate_paths(pred: str | Path, truth: str | Path, out_dir: str | Path | None = None, *,
@@ -360,11 +396,13 @@ def evaluate_paths(pred: str | Path, truth: str | Path, out_dir: str | Path | No
             raise LegcompInputError("no stage1/stage2 predictions found (neither here nor in sub-folders)", pred)
         pairs = [(d.name, d, truth / d.name) for d in subs]
     frames, errors = [], {}
+    not_labelled: dict[str, list[str]] = {}
     for name, pdir, tdir in pairs:
         try:
             if not tdir.is_dir():
                 raise LegcompInputError("no matching reference folder", tdir)
-            frames.append(_evaluate_pair(pdir, tdir, fat_rule=fat_rule, mapping=mapping, region=region))
+            frame, not_labelled[name] = _evaluate_pair(pdir, tdir, fat_rule=fat_rule, mapping=mapping, region=region)
+            frames.append(frame)
         except Exception as exc:  # one bad subject is reported, the rest go on
             errors[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.error("evaluation of %s failed: %s", name, errors[name])
@@ -372,7 +410,8 @@ def evaluate_paths(pred: str | Path, truth: str | Path, out_dir: str | Path | No
         raise LegcompInputError(next(iter(errors.values())))
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(METRIC_COLUMNS))
     summary = summarize(metrics)
-    result = Evaluation(metrics=metrics, summary=summary, errors=errors)
+    result = Evaluation(metrics=metrics, summary=summary, errors=errors,
+                        not_labelled={k: v for k, v in not_labelled.items() if v})
     if out_dir is not None:
         write_evaluation(result, out_dir)
     return result
@@ -386,7 +425,7 @@ def write_evaluation(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
         ev.metrics.to_csv(tmp / names["metrics"], index=False, float_format="%.6g")
         ev.summary.to_csv(tmp / names["summary"], index=False, float_format="%.6g")
         n = ev.metrics.subject.nunique() if not ev.metrics.empty else 0
-        (tmp / names["markdown"]).write_text(summary_markdown(ev.summary, ev.errors, n))
+        (tmp / names["markdown"]).write_text(summary_markdown(ev.summary, ev.errors, n, ev.not_labelled))
         if ev.errors:
             names["errors"] = "errors.csv"
             pd.DataFrame(sorted(ev.errors.items()), columns=["subject", "error"]).to_csv(tmp / names["errors"], index=False)

@@ -5,7 +5,9 @@ Stage 2 then runs once per leg: a box around that leg's stage-1 whole muscle (pl
 is cut out, a left leg is mirrored along x to look like a right leg, the region's muscle
 network labels it (opposed phase and water), the result is mirrored back and pasted into the
 full image, inside the stage-1 whole-muscle mask. Both networks run with MONAI's
-sliding-window inference, so memory stays bounded whatever the image size.
+sliding-window inference, so memory stays bounded whatever the image size. Each stage also gives a
+confidence map: per voxel, the probability its network gave the label it chose
+(``Cascade.predict(study, return_confidence=True)``), which volumes.csv averages per structure.
 
 All arrays are canonical (x, y, z) RAS+ as in :class:`legcomp.io.DixonStudy`.
 """
@@ -135,21 +137,33 @@ class Cascade:
             nets[stage] = Network(model, meta, dev)
         return cls(region, nets[1], nets[2], {s: str(p) for s, p in paths.items()})
 
-    def predict(self, study: DixonStudy) -> tuple[np.ndarray, np.ndarray]:
-        """Stage-1 and stage-2 label maps (uint8, canonical (x, y, z), the study's grid)."""
+    def predict(self, study: DixonStudy, *, return_confidence: bool = False
+                ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        """Stage-1 and stage-2 label maps (uint8, canonical (x, y, z), the study's grid).
+
+        ``return_confidence``: also return ``{1: conf1, 2: conf2}``, per voxel the probability (float32,
+        0-1, canonical (x, y, z)) each stage's network gave the label it chose
+        (:func:`legcomp.preprocessing.inputs.labels_and_confidence`); ``conf2`` is 1 outside the
+        whole muscle. The label maps are the same either way.
+        """
         work = prep.to_working(study, self.stage1.meta)
         same_grid = prep.working_spacing(self.stage1.meta) == prep.working_spacing(self.stage2.meta)
-        s1 = self.predict_stage1(study, work)
-        return s1, self.predict_stage2(study, s1, work if same_grid else None)
+        s1, c1 = self.stage1_with_confidence(study, work)
+        s2, c2 = self.stage2_with_confidence(study, s1, work if same_grid else None)
+        return (s1, s2, {1: c1, 2: c2}) if return_confidence else (s1, s2)
 
     def predict_stage1(self, study: DixonStudy, work: DixonStudy | None = None) -> np.ndarray:
         """Background (0) / SAT (1) / whole muscle (2) on the study's grid.
 
         ``work``: the study already resampled to this network's working grid (saves redoing it).
         """
+        return self.stage1_with_confidence(study, work)[0]
+
+    def stage1_with_confidence(self, study: DixonStudy, work: DixonStudy | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_stage1` and its confidence map (float32 (x, y, z), the chosen class's probability)."""
         work = work if work is not None else prep.to_working(study, self.stage1.meta)
         prob = self.stage1.probabilities(prep.stage1_input(work, method=prep.normalisation_of(self.stage1.meta)))
-        return prep.labels_from_probabilities(prob, work, study)
+        return prep.labels_and_confidence(prob, work, study)
 
     def _leg_probabilities(self, crop: np.ndarray, mirror: bool) -> np.ndarray:
         """Stage-2 class probabilities (C, x, y, z) of one leg crop; ``mirror`` flips a left leg to look right."""
@@ -164,9 +178,15 @@ class Cascade:
         the leg's whole muscle), which goes back to the study's grid by linear interpolation.
         ``work``: the study already resampled to this network's working grid (saves redoing it).
         """
+        return self.stage2_with_confidence(study, stage1, work)[0]
+
+    def stage2_with_confidence(self, study: DixonStudy, stage1: np.ndarray, work: DixonStudy | None = None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_stage2` and its confidence map (float32 (x, y, z), the chosen class's probability;
+        1 outside the stage-1 whole muscle, where no muscle is labelled)."""
         muscle = stage1 == anatomy.WHOLE_MUSCLE.id
         if not muscle.any():
-            return np.zeros(study.shape, np.uint8)
+            return np.zeros(study.shape, np.uint8), np.ones(study.shape, np.float32)
         legs = leg_map(stage1 > 0, study.affine)
         work = work if work is not None else prep.to_working(study, self.stage2.meta)
         s1_work = prep.labels_to_working(stage1, study, work)
@@ -195,6 +215,7 @@ class Cascade:
                 if side is not None and side != leg_id:
                     prob = self._leg_probabilities(crop, mirror=prep.is_left(side))
             prep.paste(full, prob, box, where=inside)
-        s2 = prep.labels_from_probabilities(full, work, study)
+        s2, conf = prep.labels_and_confidence(full, work, study)
         s2[~muscle] = 0
-        return s2
+        conf[~muscle] = 1.0
+        return s2, conf

@@ -12,8 +12,9 @@ How it works
    :data:`MAX_SLICES` evenly spaced slices are kept. The body is W+F above
    :data:`BODY_FRACTION` of its 99th percentile and above :data:`NOISE_FACTOR` x the
    background (FOV border) level, hole-filled per slice;
-   :func:`legcomp.preprocessing.legs.leg_map` splits it into left and right leg (touching
-   legs included). A leg cross-section is kept if it is 20-400 cm^2, at most
+   :func:`legcomp.preprocessing.legs.split_legs` splits it into left and right leg (touching
+   legs included); slices where the legs are joined in one cross-section (hip, pelvis) are
+   left out. A leg cross-section is kept if it is 20-400 cm^2, at most
    :data:`MAX_AREA_RATIO` x the study's median leg area and roundish (principal-axis ratio
    <= :data:`MAX_ELONGATION`), so pelvis slices, where both thighs merge into one wide body,
    drop out. Its outline is its convex hull (closes notches such as a subcutaneous tibia
@@ -68,14 +69,12 @@ from scipy.spatial import ConvexHull, QhullError
 from legcomp.anatomy import LEGS
 from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
-from legcomp.preprocessing.legs import leg_map
+from legcomp.preprocessing.body import (BODY_FRACTION, LOCAL_MM, MIN_BONE_CM2, NOISE_FACTOR,  # noqa: F401
+                                        VOID_FRACTION, background_level, block_mean, body_mask, find_bones)
+from legcomp.preprocessing.legs import split_legs
 
 AREA_THRESHOLD_CM2 = 140.0
 """Fallback rule: median cross-sectional area per leg (cm^2) at or above which a study is a thigh."""
-BODY_FRACTION = 0.15
-"""Body = W+F above this fraction of its 99th percentile."""
-NOISE_FACTOR = 2.5
-"""Body = W+F also above this multiple of the background (FOV border) median."""
 WORK_MM = 2.0
 """Largest in-plane voxel size (mm) of the analysis: integer block averaging by floor(WORK_MM / spacing)."""
 SMOOTH_MM = 1.0
@@ -88,12 +87,6 @@ MAX_ELONGATION = 1.7
 """A leg cross-section is at most this elongated (principal-axis ratio); two merged legs are ~2."""
 MAX_AREA_RATIO = 2.0
 """A leg cross-section is at most this multiple of the study's median leg area."""
-VOID_FRACTION = 0.4
-"""Bone void: W / W_ref + F / F_ref below this (references: the leg's 95th percentiles of W and F)."""
-LOCAL_MM = 15.0
-"""Sigma (mm) of the local mean brightness that the void threshold is relative to."""
-MIN_BONE_CM2 = 0.8
-"""Smallest area (cm^2) of a void component counted as bone (vessels are smaller)."""
 MAIN_BONE_CM2 = 2.0
 """The largest bone must have at least this area (cm^2) to vote (adult femur and tibia shafts: 3-8)."""
 THIGH_DEPTH = 0.36
@@ -128,41 +121,6 @@ class LegSlice:
     vote: str
 
 
-def _background(a: np.ndarray) -> float:
-    """Background (noise floor) level of an (x, y, z) image: median of the outermost 5 % of the
-    field of view in x and y."""
-    bx, by = max(1, a.shape[0] // 20), max(1, a.shape[1] // 20)
-    frame = np.concatenate([a[:bx].ravel(), a[-bx:].ravel(), a[:, :by].ravel(), a[:, -by:].ravel()])
-    return float(np.median(frame))
-
-
-def body_mask(in_phase: np.ndarray, fraction: float = BODY_FRACTION) -> np.ndarray:
-    """Foreground of an in-phase image (x, y, z), opened and slice-wise hole-filled (bool array).
-
-    Threshold: ``fraction`` x the 99th percentile, raised to :data:`NOISE_FACTOR` x the median of the
-    outermost 5 % of the field of view in x and y (the background noise level) when that is higher.
-    """
-    a = np.asarray(in_phase)
-    thr = max(fraction * float(np.percentile(a, 99)), NOISE_FACTOR * _background(a))
-    fg = a > thr
-    fg = ndimage.binary_opening(fg, structure=np.ones((3, 3, 1), bool))
-    for z in range(fg.shape[2]):
-        fg[:, :, z] = ndimage.binary_fill_holes(fg[:, :, z])
-    return fg
-
-
-def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Mean over in-plane blocks of k x k voxels (x, y, z) -> (x // k, y // k, z), float32."""
-    if k <= 1:
-        return np.asarray(a, np.float32)
-    nx, ny = (a.shape[0] // k) * k, (a.shape[1] // k) * k
-    out = np.zeros((nx // k, ny // k, a.shape[2]), np.float32)
-    for i in range(k):
-        for j in range(k):
-            out += a[i:nx:k, j:ny:k]
-    return out / np.float32(k * k)
-
-
 def _prepare(study: DixonStudy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
     """(water, fat, body mask, leg map, in-plane spacing mm, kept slice indices) on the work grid.
 
@@ -172,48 +130,17 @@ def _prepare(study: DixonStudy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     k = max(1, int(np.floor(WORK_MM / max(min(sx, sy), 1e-6) + 1e-6)))
     zs = np.unique(np.linspace(0, study.shape[2] - 1, min(MAX_SLICES, study.shape[2])).round().astype(int))
     sigma = (SMOOTH_MM / (sx * k), SMOOTH_MM / (sy * k), 0.0)
-    water, fat = (ndimage.gaussian_filter(_block_mean(np.asarray(a)[:, :, zs], k), sigma)
+    water, fat = (ndimage.gaussian_filter(block_mean(np.asarray(a)[:, :, zs], k), sigma)
                   for a in (study.water, study.fat))
     fg = body_mask(water + fat)
     # subtract the magnitude-noise floor (Rician bias), so that cortical bone reads ~0 at low SNR
-    water, fat = (np.maximum(a - min(_background(a), 0.25 * float(np.percentile(a, 95))), 0.0) for a in (water, fat))
+    water, fat = (np.maximum(a - min(background_level(a), 0.25 * float(np.percentile(a, 95))), 0.0) for a in (water, fat))
     aff = np.array(study.affine, float)
     aff[:3, 0] *= k
     aff[:3, 1] *= k
-    legs = leg_map(fg, aff) if fg.any() else np.zeros(fg.shape, np.uint8)
+    sp = split_legs(fg, aff)
+    legs = np.where(np.array([c == "joined" for c in sp.coverage])[None, None, :], 0, sp.legs).astype(np.uint8)
     return water, fat, fg, legs, (sx * k, sy * k), zs
-
-
-def _bones(water: np.ndarray, fat: np.ndarray, leg: np.ndarray, edt: np.ndarray,
-           spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(bone label map, areas cm^2 per label) of one leg slice (2D arrays); labels 1.. largest first.
-
-    Brightness = W / W_ref + F / F_ref with the leg's 95th percentiles as references: about 1 for
-    muscle of any fat fraction and for fat, about 0 for cortical bone. Void = brightness below
-    :data:`VOID_FRACTION` x its local mean (Gaussian of :data:`LOCAL_MM` within the leg, which cancels
-    coil bias), 3 mm or more inside the leg; then closed, hole-filled (cortex + marrow) and opened.
-    """
-    inner = edt > 3.0
-    if not inner.any():
-        return np.zeros(leg.shape, np.int32), np.zeros(0)
-    w95, f95 = float(np.percentile(water[leg], 95)), float(np.percentile(fat[leg], 95))
-    w_ref, f_ref = max(w95, 0.3 * f95, 1e-6), max(f95, 0.3 * w95, 1e-6)
-    bright = np.where(leg, water / w_ref + fat / f_ref, 0.0)
-    sigma = (LOCAL_MM / spacing[0], LOCAL_MM / spacing[1])
-    local = (ndimage.gaussian_filter(bright, sigma, truncate=2.5)
-             / np.maximum(ndimage.gaussian_filter(leg.astype(float), sigma, truncate=2.5), 1e-3))
-    void = (bright < VOID_FRACTION * np.maximum(local, 1e-6)) & inner
-    void = ndimage.binary_closing(void, structure=ndimage.generate_binary_structure(2, 1)) & inner
-    filled = ndimage.binary_opening(ndimage.binary_fill_holes(void), structure=np.ones((2, 2), bool))
-    lab, n = ndimage.label(filled)
-    if n == 0:
-        return lab, np.zeros(0)
-    areas = np.bincount(lab.ravel())[1:] * (spacing[0] * spacing[1] / 100.0)
-    order = np.argsort(-areas, kind="stable")
-    keep = order[areas[order] >= MIN_BONE_CM2]
-    remap = np.zeros(n + 1, np.int32)
-    remap[keep + 1] = np.arange(1, len(keep) + 1)
-    return remap[lab], areas[keep]
 
 
 def _convex_hull(mask: np.ndarray) -> np.ndarray:
@@ -276,7 +203,7 @@ def leg_slices(study: DixonStudy) -> list[LegSlice]:
         m = _convex_hull(m)  # the leg's outline, with notches (e.g. a subcutaneous tibia read as background) closed
         area = float(m.sum()) * px_cm2
         edt = ndimage.distance_transform_edt(m, sampling=(dx, dy))
-        blab, bareas = _bones(water[box + (iz,)], fat[box + (iz,)], m, edt, (dx, dy))
+        blab, bareas = find_bones(water[box + (iz,)], fat[box + (iz,)], m, edt, (dx, dy))
         depth, vote = float("nan"), ""
         if len(bareas) and bareas[0] >= MAIN_BONE_CM2:
             depth = float(edt[blab == 1].min()) / np.sqrt(area * 100.0 / np.pi)

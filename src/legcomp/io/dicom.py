@@ -57,9 +57,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from legcomp.errors import LegcompInputError
-from legcomp.io.study import DixonStudy, make_study
+from legcomp.io.atomic import safe_name
+from legcomp.io.study import DixonStudy, check_geometry, make_study
 
-__all__ = ["read_dicom_study", "is_dicom_folder", "classify_dixon"]
+__all__ = ["read_dicom_study", "is_dicom_folder", "classify_dixon", "folder_contrasts", "file_contrasts"]
 
 _TYPE_TOKENS: dict[str, frozenset[str]] = {
     "water": frozenset({"W", "WATER"}),
@@ -169,7 +170,7 @@ def _read_header(path: Path) -> Dataset | None:
         if meta_sop.name == str(meta_sop) or "Image" in meta_sop.name:
             raise LegcompInputError("truncated or unreadable DICOM file (no SOP Class UID)", path)
         return ds
-    is_image = "Rows" in ds or "Image" in sop.name
+    is_image = "Rows" in ds or "Image" in sop.name or "Image" in meta_sop.name  # the file meta says so too
     if is_image and not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise LegcompInputError("truncated DICOM image (no pixel data element)", path)
     return ds
@@ -177,6 +178,24 @@ def _read_header(path: Path) -> Dataset | None:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
+
+
+def folder_contrasts(folder: str | Path) -> frozenset[str] | None:
+    """Dixon contrasts among the DICOM files directly in ``folder`` (not its sub-folders), from headers only;
+    None when it holds no DICOM file. A broken DICOM file counts as DICOM without a contrast (it is
+    reported when the study is read)."""
+    found: set[str] | None = None
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name == "DICOMDIR":
+            continue
+        try:
+            ds = _read_header(p)
+        except LegcompInputError:
+            found = found if found is not None else set()
+            continue
+        if ds is not None:
+            found = (found if found is not None else set()) | file_contrasts(ds)
+    return frozenset(found) if found is not None else None
 
 
 def is_dicom_folder(folder: str | Path) -> bool:
@@ -204,34 +223,59 @@ def _item(seq_owner: Dataset | None, seq: str) -> Dataset | None:
     return seq_owner[seq].value[0]
 
 
+def _frames(ds: Dataset) -> list[tuple[int, Dataset | None, Dataset | None]]:
+    """(frame index, per-frame item, shared item) of each image of a file (one for a classic file)."""
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_seq = ds.PerFrameFunctionalGroupsSequence if "PerFrameFunctionalGroupsSequence" in ds else None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return [(f, per_seq[f] if per_seq is not None else None, shared) for f in range(n_frames)]
+
+
+def _frame_get(ds: Dataset, per: Dataset | None, shared: Dataset | None, seq: str, attr: str,
+               default: object = None) -> object:
+    """An attribute of one frame: from its per-frame, then the shared functional group, then the file."""
+    for owner in (per, shared):
+        it = _item(owner, seq)
+        if it is not None and attr in it:
+            return it.get(attr)
+    return ds.get(attr, default)
+
+
+def _frame_contrast(ds: Dataset, per: Dataset | None, shared: Dataset | None) -> str | None:
+    """Dixon contrast of one frame (see the module table), or None."""
+    frame_types = _values(_frame_get(ds, per, shared, "MRImageFrameTypeSequence", "FrameType")
+                          if per is not None else None)
+    legacy = per.get(_PHILIPS_LEGACY_FRAME) if per is not None else None
+    if legacy is not None and legacy.VR == "SQ" and len(legacy.value):
+        frame_types += _values(legacy.value[0].get("ImageType"))
+    types = (frame_types or _values(ds.get("ImageType"))) + _philips_image_type(ds)
+    return classify_dixon(types, str(ds.get("SeriesDescription", "") or ""), str(ds.get("ProtocolName", "") or ""))
+
+
+def file_contrasts(ds: Dataset) -> set[str]:
+    """The Dixon contrasts among one file's images (header only; no geometry checked)."""
+    if "Rows" not in ds or "Columns" not in ds:
+        return set()
+    return {c for _, per, shared in _frames(ds) if (c := _frame_contrast(ds, per, shared)) is not None}
+
+
 def _images(path: Path, ds: Dataset) -> list[_Image]:
     """The Dixon images of one file (classified, with geometry); other images are left out."""
     if "Rows" not in ds or "Columns" not in ds:
         return []
     uid = str(ds.get("SeriesInstanceUID", "")) or f"nouid:{path.parent}"
     desc = str(ds.get("SeriesDescription", "") or "")
-    proto = str(ds.get("ProtocolName", "") or "")
     series = f"#{ds.get('SeriesNumber', '?')} '{desc}'"
     size = (int(ds.Rows), int(ds.Columns))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    frames = _frames(ds)
+    n_frames = len(frames)
     out = []
-    for f in range(n_frames):
-        per = ds.PerFrameFunctionalGroupsSequence[f] if "PerFrameFunctionalGroupsSequence" in ds else None
+    for f, per, shared in frames:
 
         def get(seq: str, attr: str, default: object = None) -> object:
-            for owner in (per, shared):
-                it = _item(owner, seq)
-                if it is not None and attr in it:
-                    return it.get(attr)
-            return ds.get(attr, default)
+            return _frame_get(ds, per, shared, seq, attr, default)
 
-        frame_types = _values(get("MRImageFrameTypeSequence", "FrameType", None) if per is not None else None)
-        legacy = per.get(_PHILIPS_LEGACY_FRAME) if per is not None else None
-        if legacy is not None and legacy.VR == "SQ" and len(legacy.value):
-            frame_types += _values(legacy.value[0].get("ImageType"))
-        types = (frame_types or _values(ds.get("ImageType"))) + _philips_image_type(ds)
-        contrast = classify_dixon(types, desc, proto)
+        contrast = _frame_contrast(ds, per, shared)
         if contrast is None:
             continue
         ipp, iop = get("PlanePositionSequence", "ImagePositionPatient"), get("PlaneOrientationSequence",
@@ -263,6 +307,16 @@ def _geometry(images: list[_Image], where: str) -> tuple[list[_Image], np.ndarra
                 not np.allclose(im.pixel_spacing, ref.pixel_spacing, atol=1e-4):
             raise LegcompInputError(f"series {ref.series} mixes image orientations, sizes or pixel spacings", where)
     row_dir, col_dir = ref.iop[:3], ref.iop[3:]  # along a row (increasing column), along a column (increasing row)
+    if not (np.isfinite(ref.iop).all() and np.isfinite(ref.ipp).all() and np.isfinite(ref.pixel_spacing).all()):
+        raise LegcompInputError(f"series {ref.series}: non-finite ImagePositionPatient, ImageOrientationPatient "
+                                f"or PixelSpacing", where)
+    if abs(np.linalg.norm(row_dir) - 1) > 0.01 or abs(np.linalg.norm(col_dir) - 1) > 0.01 or \
+            abs(float(row_dir @ col_dir)) > 0.01:
+        iop = "\\".join(f"{v:.4g}" for v in ref.iop)
+        raise LegcompInputError(f"series {ref.series}: ImageOrientationPatient {iop} is not two orthogonal unit "
+                                f"vectors", where)
+    if min(ref.pixel_spacing) <= 0:
+        raise LegcompInputError(f"series {ref.series}: PixelSpacing {list(ref.pixel_spacing)} is not positive", where)
     normal = np.cross(row_dir, col_dir)
     images = sorted(images, key=lambda im: float(im.ipp @ normal))
     pos = np.array([im.ipp @ normal for im in images])
@@ -321,7 +375,16 @@ def _guess_region(headers: list[Dataset], folder: Path) -> str:
     return "unknown"
 
 
-def read_dicom_study(folder: str | Path, *, region: str | None = None, name: str | None = None) -> DixonStudy:
+def _check_one_study(headers: list[Dataset], where: Path) -> None:
+    """Raise unless the Dixon series come from one study (StudyInstanceUID, where the files record it)."""
+    uids = {str(h.get("StudyInstanceUID", "") or "") for h in headers} - {""}
+    if len(uids) > 1:
+        raise LegcompInputError(f"the Dixon series come from {len(uids)} different studies (StudyInstanceUID); "
+                                f"keep one acquisition per folder", where)
+
+
+def read_dicom_study(folder: str | Path, *, region: str | None = None, name: str | None = None,
+                     keep_ids: bool = False) -> DixonStudy:
     """Read the Dixon acquisition in a DICOM folder (searched recursively) as a canonical study.
 
     Water and fat are required; in-phase and opposed-phase are read when present (else
@@ -331,7 +394,10 @@ def read_dicom_study(folder: str | Path, *, region: str | None = None, name: str
     Args:
         folder: folder holding one Dixon acquisition; other series (localisers, ...) are ignored.
         region: ``thigh``/``calf``; default guessed from the headers and folder name, else ``unknown``.
-        name: study name; default PatientID, else the folder name.
+        name: study name; default the folder name.
+        keep_ids: name the study by its PatientID (over ``name``, where the files have one); without it
+            no patient name, ID or birth date from the headers reaches the study. Names are made safe
+            for a file name (:func:`legcomp.io.atomic.safe_name`).
     Raises:
         LegcompInputError: no DICOM, no Dixon series, two series for one contrast, water or fat
             missing, an unreadable/truncated file, uneven slices or inconsistent geometry.
@@ -368,14 +434,40 @@ def read_dicom_study(folder: str | Path, *, region: str | None = None, name: str
         if req not in by_contrast:
             found = ", ".join(f"{c} {groups[k[0]][0].series}" for c, k in by_contrast.items())
             raise LegcompInputError(f"no {req} series found (found {found})", folder)
+    dixon_headers = [first_header[k] for keys in by_contrast.values() for k in keys]
+    _check_one_study(dixon_headers, folder)
     cache: dict[Path, np.ndarray] = {}
     images = {}
     for contrast, (key,) in by_contrast.items():
         stack, affine = _geometry(groups[key], str(folder))
+        check_geometry(affine, (stack[0].size[1], stack[0].size[0], len(stack)),
+                       f"{folder} series {stack[0].series}")
         images[contrast] = (_load(stack, cache), affine, f"{folder} series {stack[0].series}")
-    dixon_headers = [first_header[k] for keys in by_contrast.values() for k in keys]
     if region is None:
         region = _guess_region(dixon_headers, folder)
-    if name is None:
-        name = str(first_header[by_contrast["water"][0]].get("PatientID", "") or "").strip() or folder.resolve().name
+    patient = str(first_header[by_contrast["water"][0]].get("PatientID", "") or "").strip() if keep_ids else ""
+    name = safe_name(patient or name or folder.resolve().name)
     return make_study(images, region=region, name=name, source=str(folder))
+
+
+PATIENT_IDENTIFIERS_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate")
+"""Patient identifiers a DICOM object must hold but may leave empty (Type 2): emptied by :func:`strip_patient_ids`."""
+PATIENT_IDENTIFIERS_OTHER = ("OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientBirthName",
+                             "PatientMotherBirthName", "PatientBirthTime", "PatientAddress", "PatientTelephoneNumbers",
+                             "IssuerOfPatientID", "MedicalRecordLocator")
+"""Further patient identifiers: removed by :func:`strip_patient_ids`."""
+
+
+def strip_patient_ids(path: str | Path) -> Path:
+    """Rewrite a DICOM file that legcomp made without the patient's name, IDs or birth date (emptied where
+    the standard requires the attribute, removed elsewhere), e.g. a segmentation copied from its source."""
+    path = Path(path)
+    ds = pydicom.dcmread(path)
+    for key in PATIENT_IDENTIFIERS_TYPE2:
+        if key in ds:
+            setattr(ds, key, "")
+    for key in PATIENT_IDENTIFIERS_OTHER:
+        if key in ds:
+            delattr(ds, key)
+    ds.save_as(path)
+    return path

@@ -25,6 +25,7 @@ or from the nearest enclosing folder whose name contains ``thigh`` or ``calf``
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -32,7 +33,8 @@ import nibabel as nib
 import numpy as np
 
 from legcomp.errors import LegcompInputError
-from legcomp.io.study import DixonStudy, make_study
+from legcomp.io.atomic import safe_name
+from legcomp.io.study import DixonStudy, check_geometry, make_study
 
 _NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 _PREFIX = re.compile(r"^roi_\d+p_", re.IGNORECASE)
@@ -109,10 +111,18 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     try:
         img = nib.load(str(path))
-        dtype = np.float32 if img.get_data_dtype() == np.float32 else np.float64
-        return img.get_fdata(dtype=dtype), np.asarray(img.affine, dtype=float)
     except FileNotFoundError:
         raise LegcompInputError("file not found", path) from None
+    except Exception as exc:  # nibabel raises many types for truncated / corrupt files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LegcompInputError(f"cannot read NIfTI ({msg})", path) from None
+    check_geometry(img.affine, img.shape, path)  # before the data are read: no MemoryError
+    if img.get_data_dtype().kind not in "biuf":
+        raise LegcompInputError(f"unsupported voxel type {img.get_data_dtype()} (expected a real-valued "
+                                f"scalar image)", path)
+    try:
+        dtype = np.float32 if img.get_data_dtype() == np.float32 else np.float64
+        return img.get_fdata(dtype=dtype), np.asarray(img.affine, dtype=float)
     except Exception as exc:  # nibabel raises many types for truncated / corrupt files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LegcompInputError(f"cannot read NIfTI ({msg})", path) from None
@@ -174,19 +184,23 @@ def check_label_record(rec: object, region: str = "unknown", path: object = None
 
 
 def _subject_name(folder: Path) -> str:
-    """Subject id: the folder name, or its parent's for the seed's ``<subject>/Thigh`` layout."""
+    """Subject id: the folder name, or its parent's for the seed's ``<subject>/Thigh`` layout (made safe
+    for a file name by :func:`legcomp.io.atomic.safe_name`)."""
+    folder = Path(os.path.abspath(folder))
     if folder.name.lower() in ("thigh", "calf") and folder.parent.name:
-        return f"{folder.parent.name}_{folder.name.lower()}"
-    return folder.name
+        return safe_name(f"{folder.parent.name}_{folder.name.lower()}")
+    return safe_name(folder.name)
 
 
 def read_study(path: str | Path, *, region: str | None = None, name: str | None = None,
-               with_labels: bool = True) -> DixonStudy:
+               with_labels: bool = True, keep_ids: bool = False) -> DixonStudy:
     """Read a Dixon study from a NIfTI folder, a single NIfTI file's folder, or a DICOM folder.
 
     Args:
         path: study folder (or one of its NIfTI files).
         region: ``thigh`` / ``calf`` to override what the path says.
+        keep_ids: a DICOM study is named by its PatientID, over ``name`` (default: by its folder; no
+            patient identifier from the headers is kept).
     Raises:
         LegcompInputError: missing or unreadable files, mismatched geometry, bad values.
     """
@@ -204,7 +218,7 @@ def read_study(path: str | Path, *, region: str | None = None, name: str | None 
     if not images:
         from legcomp.io import dicom
         if dicom.is_dicom_folder(path):
-            return dicom.read_dicom_study(path, region=region, name=name)
+            return dicom.read_dicom_study(path, region=region, name=name, keep_ids=keep_ids)
     return read_nifti_study(path, region=region, name=name, with_labels=with_labels)
 
 
@@ -226,38 +240,53 @@ def read_label_map(path: str | Path, study: DixonStudy) -> np.ndarray:
 def find_studies(root: str | Path) -> list[Path]:
     """All study folders under ``root`` (``root`` itself if it is one), sorted.
 
-    A folder is a study when it holds recognised water and fat NIfTI files, or DICOM files
-    (a DICOM study is the top-most folder holding them).
+    A folder is a study when it holds recognised water and fat NIfTI files, or is the top-most folder
+    of one DICOM acquisition: it holds DICOM files with both water and fat (a flat export, whatever
+    its sub-folders), or it holds no DICOM file itself and its sub-folders are series folders (each
+    without water and fat together: ``water/``, ``fat/``, a localiser, ...). A DICOM folder that
+    fits neither (e.g. one without any Dixon series) is listed too and fails with its reason when read.
     """
     root = Path(root)
     if not root.is_dir():
         return [root] if root.exists() else []
-    from legcomp.io import dicom
     out: list[Path] = []
-
-    def visit(folder: Path) -> None:
-        try:
-            images, _, _ = classify_files(folder)
-        except LegcompInputError:
-            out.append(folder)  # reported when read
-            return
-        if "water" in images or "fat" in images:
-            out.append(folder)
-            return
-        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if folder != root and not subdirs and dicom.is_dicom_folder(folder):
-            out.append(folder)
-            return
-        before = len(out)
-        for sub in subdirs:
-            visit(sub)
-        if len(out) == before and folder != root and dicom.is_dicom_folder(folder):
-            out.append(folder)
-
-    visit(root)
-    if not out and dicom.is_dicom_folder(root):
+    if _visit(root, out) is not None:  # DICOM series that no sub-folder claims: the root is the study
         out.append(root)
-    return out
+    return sorted(out)
+
+
+def _visit(folder: Path, out: list[Path]) -> tuple[list[Path], frozenset[str]] | None:
+    """Append the studies at or below ``folder`` to ``out``. Returns the DICOM series folders below it
+    that no study claimed, with their Dixon contrasts (None when there are none); a folder claims its
+    series as one study when they hold water and fat together."""
+    from legcomp.io import dicom
+
+    try:
+        images, _, _ = classify_files(folder)
+    except LegcompInputError:
+        out.append(folder)  # reported when read
+        return None
+    if "water" in images or "fat" in images:
+        out.append(folder)
+        return None
+    own = dicom.folder_contrasts(folder)
+    n_before = len(out)
+    folders: list[Path] = [folder] if own is not None else []
+    contrasts = set(own or ())
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = _visit(sub, out)
+        if found is not None:
+            folders += found[0]
+            contrasts |= found[1]
+    if not folders:
+        return None
+    if {"water", "fat"} <= contrasts and len(out) == n_before:
+        out.append(folder)  # one acquisition: a flat export, or one sub-folder per series
+        return None
+    if len(out) > n_before:  # studies below: a stray series folder beside them is its own (failing) study
+        out.extend(folders)
+        return None
+    return [folder], frozenset(contrasts)
 
 
 def write_study(study: DixonStudy, folder: str | Path, *, with_labels: bool = True) -> Path:

@@ -23,6 +23,18 @@ CONTRASTS: tuple[str, ...] = ("water", "fat", "in_phase", "opposed_phase")
 AFFINE_ATOL_MM = 1e-3
 """Default tolerance (mm) when comparing the affines of the images of one study."""
 
+VOXEL_MM_RANGE = (0.01, 50.0)
+"""Voxel sizes (mm) outside this range are taken for a broken header (real slices reach 25 mm)."""
+
+WORKING_INPLANE_MM = 1.5
+"""In-plane voxel size (mm) of the networks' working grid (``preprocessing.inputs.WORKING_SPACING``)."""
+
+BYTES_PER_VOXEL = 40
+"""Rough memory per voxel of a study in work (contrasts, network inputs, class probabilities)."""
+
+MAX_STUDY_GB = 8.0
+"""A study that would need more than this (at its own or the working grid) is refused before any work."""
+
 
 @dataclass
 class DixonStudy:
@@ -107,6 +119,42 @@ class DixonStudy:
         return path
 
 
+def check_geometry(affine: np.ndarray, shape: tuple[int, ...], path: object) -> tuple[float, float, float]:
+    """Raise :class:`LegcompInputError` (naming ``path``) for geometry no study can have: a non-finite,
+    zero or singular affine, voxel sizes outside :data:`VOXEL_MM_RANGE`, or a size that would need more
+    than :data:`MAX_STUDY_GB` at the input or the working grid. Cheap: call it before reading the data.
+    Returns the voxel size (mm) along the first three axes."""
+    a = np.asarray(affine, dtype=float)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise LegcompInputError("the affine (voxel-to-world matrix) holds NaN or inf values"
+                                if a.shape == (4, 4) else f"the affine has shape {a.shape}, expected 4x4", path)
+    m = a[:3, :3]
+    spacing = np.sqrt((m ** 2).sum(axis=0))
+    det = abs(float(np.linalg.det(m)))
+    if det == 0 or det < 1e-6 * float(np.prod(spacing)):
+        raise LegcompInputError(f"the affine is zero or singular (voxel sizes {_mm(spacing)} mm, determinant "
+                                f"{det:.3g}): a broken header", path)
+    lo, hi = VOXEL_MM_RANGE
+    if spacing.min() < lo or spacing.max() > hi:
+        raise LegcompInputError(f"voxel size {_mm(spacing)} mm lies outside {lo:g}-{hi:g} mm: a broken header?", path)
+    dims = [int(n) for n in tuple(shape)[:3]] + [1] * max(0, 3 - len(shape))
+    extra = int(np.prod([int(n) for n in tuple(shape)[3:]], dtype=np.int64)) if len(shape) > 3 else 1
+    ornt = nib.io_orientation(a)
+    work = [max(1.0, n * s / WORKING_INPLANE_MM) if ornt[i, 0] in (0, 1) else n
+            for i, (n, s) in enumerate(zip(dims, spacing))]
+    for what, n_vox in (("at its own grid", float(np.prod(dims)) * extra),
+                        (f"at the {WORKING_INPLANE_MM} mm working grid", float(np.prod(work)))):
+        gb = n_vox * BYTES_PER_VOXEL / 1e9
+        if gb > MAX_STUDY_GB:
+            raise LegcompInputError(f"{tuple(int(n) for n in shape)} voxels of {_mm(spacing)} mm would need about "
+                                    f"{gb:.0f} GB {what} (limit {MAX_STUDY_GB:g} GB): a broken header?", path)
+    return tuple(float(s) for s in spacing)  # type: ignore[return-value]
+
+
+def _mm(values: np.ndarray) -> str:
+    return "x".join(f"{v:.3g}" for v in values)
+
+
 def check_image(data: np.ndarray, path: object) -> np.ndarray:
     """Validate one image array: 3D (a trailing singleton axis is dropped), finite, not all zero.
 
@@ -159,6 +207,8 @@ def make_study(images: dict[str, tuple[np.ndarray, np.ndarray, object]], *, regi
     for req in ("water", "fat"):
         if req not in images:
             raise LegcompInputError(f"no {req} image found", source or None)
+    for d, a, p in images.values():
+        check_geometry(a, np.shape(d), p)
     checked = {k: (check_image(d, p), np.asarray(a, dtype=float), p) for k, (d, a, p) in images.items()}
     ref = checked["water"]
     for k, v in checked.items():

@@ -9,8 +9,12 @@ Structures and how they are built (stage-2 labels take precedence over stage 1):
 * ``whole_muscle``: stage-1 whole muscle united with every stage-2 muscle voxel (when
   only stage 2 is given, the union of the muscles);
 * each muscle of the region (stage-2 ids of :mod:`legcomp.anatomy`);
-* legs: ``legs`` if given, else :func:`legcomp.preprocessing.legs.leg_map` of the labelled
-  voxels (a single leg is named from its anatomy when stage 2 is given);
+* legs: ``legs`` if given, else :func:`legcomp.preprocessing.legs.split_legs` of the labelled
+  voxels (a single leg is named from its anatomy when stage 2 is given; slices where the legs
+  are joined are split at the body midline);
+* hip/pelvis: slices where the legs are joined in one cross-section above every slice with the
+  legs apart (:func:`legcomp.preprocessing.legs.slice_levels`) are left out of every volume and
+  fat mask unless ``keep_hip``; ``meta`` says which (``hip``, ``slice_coverage``, ``notes``);
 * ``mat`` = fat voxels in whole muscle, ``intramat`` = fat voxels inside a muscle,
   ``intermat`` = fat voxels in whole muscle outside every muscle (so MAT = IntraMAT + InterMAT).
 
@@ -18,8 +22,10 @@ Measures (column ``measure``): ``volume_ml``; ``fat_volume_ml`` (fat voxels by t
 see :mod:`legcomp.quantification.fat`); ``pv_fat_volume_ml`` (partial-volume aware: sum of
 the clipped fat fraction F/(W+F) over the mask x voxel volume); ``mean_fat_fraction``
 (voxelwise mean of F/(W+F) over the mask; NaN for an empty mask); ``incomplete`` (1 when the
-structure touches the first or last slice along z, so part of it may lie outside the
-field of view; its volume is still reported).
+field of view cuts the structure so that part of its volume is missing: on the first or last
+slice along z its cross-section is at least :data:`INCOMPLETE_AREA_FRACTION` of its largest; its
+volume is still reported); ``confidence`` (only with confidence maps: the mean, over the structure,
+of the network's probability of the label it chose, 0-1).
 """
 
 from __future__ import annotations
@@ -38,15 +44,20 @@ from legcomp import anatomy
 from legcomp.errors import LegcompInputError
 from legcomp.io.atomic import staged_output
 from legcomp.io.study import DixonStudy
-from legcomp.preprocessing.legs import leg_map
+from legcomp.preprocessing import legs as leg_split
 from legcomp.quantification.fat import describe_fat_rule, fat_fraction, fat_mask, parse_fat_rule
 
 COLUMNS: tuple[str, ...] = ("subject", "region", "leg", "structure", "measure", "value", "unit")
 """Columns of the tidy quantification table."""
 
 UNITS: dict[str, str] = {"volume_ml": "mL", "fat_volume_ml": "mL", "pv_fat_volume_ml": "mL",
-                         "mean_fat_fraction": "fraction", "incomplete": "flag"}
+                         "mean_fat_fraction": "fraction", "incomplete": "flag", "confidence": "fraction"}
 """Unit of each measure."""
+
+INCOMPLETE_AREA_FRACTION = 0.25
+"""A structure is ``incomplete`` (cut by the field of view) when its cross-section on the first or last
+slice (or next to left-out hip slices) is at least this fraction of its largest: it goes on beyond the
+image. One that tapers off inside the image (a thin end on the edge slice) is complete."""
 
 LEG_NAMES: tuple[str, ...] = (*(anatomy.LEGS[k] for k in sorted(anatomy.LEGS)), "total")
 MASK_NAMES: tuple[str, ...] = ("mat", "intramat", "intermat")
@@ -112,7 +123,8 @@ def _resolve_region(study: DixonStudy, region: str | None, need: bool) -> str:
 
 def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | None, *,
              region: str | None = None, fat_rule: str = "seed", legs: np.ndarray | None = None,
-             subject: str | None = None) -> Quantification:
+             subject: str | None = None, keep_hip: bool = False,
+             confidence: dict[int, np.ndarray] | None = None) -> Quantification:
     """Volumes (mL) and fat measures per leg and in total.
 
     Args:
@@ -121,8 +133,14 @@ def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | 
         stage2: stage-2 label map (the region's muscle ids) or None.
         region: ``thigh``/``calf`` (default: the study's region; required with stage 2).
         fat_rule: ``seed``, ``ff:T``, ``sat:T`` or ``abs:V`` (see :func:`fat_mask`).
-        legs: leg map (1 left, 2 right); default :func:`leg_map` of the labelled voxels.
+        legs: leg map (1 left, 2 right); default :func:`~legcomp.preprocessing.legs.split_legs`
+            of the labelled voxels.
         subject: name in the table (default ``study.name``).
+        keep_hip: keep the hip/pelvis slices (legs joined) in the volumes, split at the body
+            midline; by default they are left out, with a note in ``meta["notes"]``.
+        confidence: per stage (1, 2), the network's probability of each voxel's label (x, y, z), as
+            :meth:`legcomp.inference.Cascade.predict` returns it; adds the measure ``confidence``, its
+            mean over a structure (SAT and whole muscle from stage 1, muscles from stage 2).
     Raises:
         LegcompInputError: no label map, empty map, shape mismatch, ids outside the anatomy
             table, unknown fat rule.
@@ -153,8 +171,9 @@ def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | 
                     else "stage1 whole muscle" if s1 is not None else "union of stage-2 muscles")
 
     fg = comp > 0
+    split = leg_split.split_legs(fg, study.affine, muscles=s2, region=region if s2 is not None else None)
     if legs is None:
-        legs_arr = leg_map(fg, study.affine, muscles=s2, region=region if s2 is not None else None)
+        legs_arr = split.legs
     else:
         legs_arr = np.asarray(legs)
         if legs_arr.shape != tuple(shape):
@@ -162,6 +181,10 @@ def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | 
         if legs_arr.size and (legs_arr.max() > max(anatomy.LEGS) or legs_arr.min() < 0):
             raise LegcompInputError(f"leg map holds ids outside {sorted(anatomy.LEGS)}")
     legs_arr = legs_arr.astype(np.intp, copy=False)
+    in_volumes, hip, notes = _hip_rule(study, split, region, comp, legs_arr, keep_hip)
+    if not in_volumes.all():
+        comp[:, :, ~in_volumes] = 0
+        fg = comp > 0
     unassigned = np.count_nonzero(fg & (legs_arr == 0))
     if unassigned:
         flags["unassigned_leg_ml"] = float(unassigned) * vox_ml
@@ -175,31 +198,39 @@ def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | 
     cnt = np.bincount(flat, minlength=size).reshape(n_leg, n_comp).astype(float)
     ffs = np.bincount(flat, weights=ff.ravel(), minlength=size).reshape(n_leg, n_comp)
     fats = np.bincount(flat, weights=fatm.ravel().astype(np.float32), minlength=size).reshape(n_leg, n_comp)
-    edge = np.bincount(key[:, :, [0, -1]].ravel(), minlength=size).reshape(n_leg, n_comp) > 0
+    # first and last slice, and the slices next to those left out (cut there too)
+    edge_z = sorted({0, shape[2] - 1} | {z + d for z in np.flatnonzero(~in_volumes) for d in (-1, 1)
+                                         if 0 <= z + d < shape[2] and in_volumes[z + d]})
+    # per-slice cross-sections (voxels) of every leg and component, for the incomplete flag
+    areas = np.bincount((key + np.arange(shape[2]) * size).ravel(),
+                        minlength=size * shape[2]).reshape(shape[2], n_leg, n_comp)
     # rows: leg 1, leg 2, total (all legs incl. unassigned)
     leg_ids = sorted(anatomy.LEGS)
     cnt = np.vstack([cnt[leg_ids], cnt.sum(0)])
     ffs = np.vstack([ffs[leg_ids], ffs.sum(0)])
     fats = np.vstack([fats[leg_ids], fats.sum(0)])
-    edge = np.vstack([edge[leg_ids], edge.any(0)])
+    confs = _confidence_sums(confidence, flat, size, (n_leg, n_comp), shape, leg_ids)
+    areas = np.concatenate([areas[:, leg_ids], areas.sum(1, keepdims=True)], axis=1)
 
-    def measures(cols: list[int]) -> dict[str, np.ndarray]:
+    def measures(cols: list[int], stage: int | None = None) -> dict[str, np.ndarray]:
         c = cnt[:, cols].sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             mff = np.where(c > 0, ffs[:, cols].sum(1) / np.maximum(c, 1), np.nan)
-        return {"volume_ml": c * vox_ml, "fat_volume_ml": fats[:, cols].sum(1) * vox_ml,
+            conf = {"confidence": np.where(c > 0, confs[stage][:, cols].sum(1) / np.maximum(c, 1), np.nan)
+                    } if stage in confs else {}
+        return {**conf, "volume_ml": c * vox_ml, "fat_volume_ml": fats[:, cols].sum(1) * vox_ml,
                 "pv_fat_volume_ml": ffs[:, cols].sum(1) * vox_ml, "mean_fat_fraction": mff,
-                "incomplete": edge[:, cols].any(1).astype(float)}
+                "incomplete": _cut_by_field_of_view(areas[:, :, cols].sum(2), edge_z).astype(float)}
 
     structures: list[tuple[str, dict[str, np.ndarray], tuple[str, ...]]] = []
-    all_meas = ("volume_ml", "fat_volume_ml", "pv_fat_volume_ml", "mean_fat_fraction", "incomplete")
+    all_meas = ("volume_ml", "fat_volume_ml", "pv_fat_volume_ml", "mean_fat_fraction", "incomplete", "confidence")
     fat_meas = ("fat_volume_ml", "pv_fat_volume_ml", "mean_fat_fraction", "incomplete")
     muscle_cols = list(range(_C_MUSCLE0 + 1, n_comp)) if s2 is not None else []
     if s1 is not None:
-        structures.append((anatomy.SAT.name, measures([_C_SAT]), all_meas))
-    structures.append((anatomy.WHOLE_MUSCLE.name, measures([_C_INTER, *muscle_cols]), all_meas))
+        structures.append((anatomy.SAT.name, measures([_C_SAT], 1), all_meas))
+    structures.append((anatomy.WHOLE_MUSCLE.name, measures([_C_INTER, *muscle_cols], 1), all_meas))
     for lab in muscles:
-        structures.append((lab.name, measures([lab.id + _C_MUSCLE0]), all_meas))
+        structures.append((lab.name, measures([lab.id + _C_MUSCLE0], 2), all_meas))
     structures.append(("mat", measures([_C_INTER, *muscle_cols]), fat_meas))
     if s2 is not None:
         structures.append(("intramat", measures(muscle_cols), fat_meas))
@@ -209,7 +240,7 @@ def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | 
     rows = []
     for name, meas, keep in structures:
         for li, leg in enumerate(LEG_NAMES):
-            for m in keep:
+            for m in (m for m in keep if m in meas):
                 rows.append((subject, region, leg, name, m, float(meas[m][li]), UNITS[m]))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
 
@@ -226,9 +257,70 @@ def quantify(study: DixonStudy, stage1: np.ndarray | None, stage2: np.ndarray | 
             "voxel_volume_ml": vox_ml, "spacing_mm": list(study.spacing),
             "shape": list(shape), "whole_muscle": whole_source,
             "legs_source": "given" if legs is not None else "leg_map",
+            "hip": hip, "notes": notes,
+            "slice_coverage": leg_split.coverage_report(split, study.affine, region, input_affine=study.input_affine,
+                                                        in_volumes=in_volumes),
             "study_source": study.source, "flags": flags,
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return Quantification(table=table, masks=masks, meta=meta)
+
+
+def _confidence_sums(confidence: dict[int, np.ndarray] | None, flat: np.ndarray, size: int,
+                     grid: tuple[int, int], shape: tuple[int, ...], leg_ids: list[int]) -> dict[int, np.ndarray]:
+    """Per stage, the sum of its confidence map over each (leg, component) bin: rows leg 1, leg 2, total."""
+    out = {}
+    for stage, cmap in (confidence or {}).items():
+        c = np.asarray(cmap)
+        if c.shape != tuple(shape):
+            raise LegcompInputError(f"stage-{stage} confidence map shape {c.shape} differs from the study's {tuple(shape)}")
+        sums = np.bincount(flat, weights=c.ravel().astype(np.float64), minlength=size).reshape(grid)
+        out[int(stage)] = np.vstack([sums[leg_ids], sums.sum(0)])
+    return out
+
+
+def _hip_rule(study: DixonStudy, split: "leg_split.LegSplit", region: str, comp: np.ndarray, legs: np.ndarray,
+              keep_hip: bool) -> tuple[np.ndarray, dict, list[str]]:
+    """Which slices (z) count in the volumes, the ``hip`` record and notes.
+
+    The hip/pelvis slices (:func:`legcomp.preprocessing.legs.slice_levels`) are left out unless
+    ``keep_hip``, or unless no other slice holds a labelled voxel. ``hip``: ``slices`` (input
+    slice indices), ``in_volumes``, ``left_out_ml`` (SAT and whole muscle per leg, mL).
+    """
+    nz = comp.shape[2]
+    levels = leg_split.slice_levels(split.coverage, region)
+    hip_z = np.array([lv == leg_split.HIP_LEVEL for lv in levels])
+    in_volumes = np.ones(nz, bool)
+    _, idx = leg_split.input_slice_index(study.input_affine, nz)
+    hip = {"slices": [int(idx[z]) for z in np.flatnonzero(hip_z)], "in_volumes": True, "left_out_ml": {}}
+    if not hip_z.any():
+        return in_volumes, hip, []
+    names = ", ".join(str(i) for i in sorted(hip["slices"]))
+    what = f"slices {names} show the hip/pelvis (legs joined in one cross-section)"
+    others = comp[:, :, ~hip_z].any()
+    if keep_hip or not others:
+        why = "kept as asked" if keep_hip else "kept: no other slice holds a labelled voxel"
+        return in_volumes, hip, [f"{what}: {why}, split between the legs at the body midline"]
+    vox_ml = study.voxel_volume_ml
+    c, lg = comp[:, :, hip_z], legs[:, :, hip_z]
+    for leg_id, leg in anatomy.LEGS.items():
+        hip["left_out_ml"][leg] = {anatomy.SAT.name: round(float(np.count_nonzero((c == _C_SAT) & (lg == leg_id))) * vox_ml, 1),
+                                   anatomy.WHOLE_MUSCLE.name: round(float(np.count_nonzero((c >= _C_INTER) & (lg == leg_id))) * vox_ml, 1)}
+    tot = {k: sum(v[k] for v in hip["left_out_ml"].values()) for k in (anatomy.SAT.name, anatomy.WHOLE_MUSCLE.name)}
+    in_volumes[hip_z] = False
+    hip["in_volumes"] = False
+    return in_volumes, hip, [f"{what}: left out of the volumes (whole muscle {tot[anatomy.WHOLE_MUSCLE.name]:.0f} mL, "
+                             f"SAT {tot[anatomy.SAT.name]:.0f} mL); keep them with --keep-hip"]
+
+
+def _cut_by_field_of_view(area: np.ndarray, edge_z: list[int]) -> np.ndarray:
+    """Per row (left, right, total): does the structure reach an edge slice (``edge_z``) with a cross-section
+    of at least :data:`INCOMPLETE_AREA_FRACTION` of its largest? ``area``: voxels per (slice, row). A total
+    is cut when either leg is."""
+    peak = area.max(axis=0)
+    at_edge = area[edge_z]
+    cut = ((at_edge > 0) & (at_edge >= INCOMPLETE_AREA_FRACTION * peak)).any(axis=0)
+    cut[-1] |= cut[:-1].any()
+    return cut
 
 
 def _nan_to_none(v: float) -> float | None:
@@ -284,7 +376,7 @@ def read_labels_for(study: DixonStudy, path: str | Path | None, kind: str, mappi
 
 def quantify_files(study_path: str | Path, stage1_path: str | Path | None, stage2_path: str | Path | None,
                    out_dir: str | Path | None, *, region: str | None = None, fat_rule: str = "seed",
-                   mapping: str | Path | dict | None = None) -> Quantification:
+                   mapping: str | Path | dict | None = None, keep_hip: bool = False) -> Quantification:
     """Read a study and label maps, quantify, and write the outputs (CLI ``legcomp quantify``).
 
     Args:
@@ -292,6 +384,7 @@ def quantify_files(study_path: str | Path, stage1_path: str | Path | None, stage
         stage1_path, stage2_path: label maps; None falls back to ``stage1``/``stage2`` files in the study folder.
         out_dir: output folder (None: do not write).
         mapping: label-mapping file / shipped name / dict applied to the map of its stage.
+        keep_hip: keep the hip/pelvis slices in the volumes (see :func:`quantify`).
     """
     from legcomp.io.nifti import read_study
     from legcomp.quantification.mapping import load_label_mapping, mapping_stage
@@ -313,7 +406,8 @@ def quantify_files(study_path: str | Path, stage1_path: str | Path | None, stage
     if legs is not None and not legs.any():
         legs = None
     try:
-        q = quantify(study, s1, s2, region=reg if reg != "unknown" else None, fat_rule=fat_rule, legs=legs)
+        q = quantify(study, s1, s2, region=reg if reg != "unknown" else None, fat_rule=fat_rule, legs=legs,
+                     keep_hip=keep_hip)
     except LegcompInputError as exc:  # name the file the problem comes from
         msg = str(exc)
         culprit = stage1_path if msg.startswith("stage-1") else stage2_path if msg.startswith("stage-2") else None

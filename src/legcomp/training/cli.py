@@ -40,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--no-cache", dest="use_cache", action="store_false", help="do not use the preprocessing cache")
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: background/SAT/whole muscle; 2: individual muscles")
-    p.add_argument("--region", choices=("thigh", "calf"), required=True)
+    p.add_argument("--region", choices=("thigh", "calf"), required=True,
+                   help="thigh or calf: the region whose network is trained")
     p.add_argument("--out", required=True,
                    help="output folder: <stem>.pt (<stem> = <region>_stage<k>; the weights legcomp run --weights OUT "
                    "loads: a copy of the --keep choice), <stem>.last.pt / .best_fold.pt / .best_val.pt, "
@@ -51,15 +52,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--folds", type=int, default=5, help="k of the k-fold split; 1 = train on all (default 5)")
     p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
     p.add_argument("--config", default="fast", help="network config: fast (default), seed, tiny, or a JSON dict")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100,
+                   help="number of epochs (default 100; each of --iters optimizer steps)")
     p.add_argument("--iters", type=int, default=50, help="optimizer steps per epoch (default 50)")
     p.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                    help="patch size in voxels (default 128 128 32 for stage 1, 128 128 48 for stage 2)")
     p.add_argument("--batch", type=int, default=2, help="patches per step per process (default 2)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="initial learning rate of the optimizer (default 1e-3; decays over the run)")
     p.add_argument("--loss", choices=("dicece", "dicefocal"), default="dicece",
                    help="Dice + cross-entropy (default) or Dice + softmax focal, both partial-label (marginal)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the k-fold split, sampling, augmentation and initial weights (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bfloat16 autocast on CUDA")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
@@ -75,7 +79,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--with-stage1", action="store_true", help="stage 2 also gets the stage-1 muscle mask")
     p.add_argument("--working-spacing", type=float, nargs=2, metavar=("DX", "DY"), default=(1.5, 1.5),
                    help="in-plane working voxel size in mm (default 1.5 1.5; 0 0 = native)")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no data augmentation (affine, elastic, bias field, intensity, noise, blur)")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars; one log line per epoch (loss, learning rate, validation DSC, seconds, "
