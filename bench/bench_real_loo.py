@@ -49,7 +49,7 @@ def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
 
     study = read_study(root / "huashan_thigh_001")
     t0 = time.perf_counter()
-    s1, s2 = Cascade.load("thigh", weights, device).predict(study)
+    s1, s2, conf = Cascade.load("thigh", weights, device).predict(study, return_confidence=True)
     seconds = time.perf_counter() - t0
     mapping = load_label_mapping("huashan_thigh")
     ref = apply_label_mapping(read_label_map(root / "huashan_thigh_001" / "reference_labels.nii.gz", study),
@@ -60,11 +60,21 @@ def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
     lab_z[:, :, zs.min():zs.max() + 1] = True
     mapped = sorted({anatomy.label_by_name(n, "thigh").id for n in mapping.values() if n})
     out: dict = {"seconds": round(seconds, 1), "labelled_slices": [int(zs.min()), int(zs.max())],
-                 "n_slices": int(study.shape[2]), "muscles": {}, "legs": {}}
+                 "n_slices": int(study.shape[2]), "muscles": {}, "confidence": {}, "legs": {}}
     for lab_id in mapped:
         name = anatomy.MUSCLES["thigh"][lab_id - 1].name
         out["muscles"][name] = {leg: round(dice(s2[(legs == i) & lab_z] == lab_id, ref[(legs == i) & lab_z] == lab_id), 4)
                                 for i, leg in anatomy.LEGS.items()}
+        # the network's own confidence (mean probability of its label over the structure, as volumes.csv),
+        # which a user sees without a reference: does it rank the muscles as the DSC does?
+        out["confidence"][name] = {leg: round(float(conf[2][(legs == i) & lab_z & (s2 == lab_id)].mean()), 4)
+                                   if ((legs == i) & lab_z & (s2 == lab_id)).any() else None
+                                   for i, leg in anatomy.LEGS.items()}
+    pairs = [(out["confidence"][m][leg], out["muscles"][m][leg]) for m in out["muscles"] for leg in anatomy.LEGS.values()
+             if out["confidence"][m][leg] is not None]
+    if len(pairs) >= 3:
+        from scipy.stats import spearmanr
+        out["confidence_dsc_spearman"] = round(float(spearmanr(*zip(*pairs)).statistic), 3)
     for i, leg in anatomy.LEGS.items():
         sel = (legs == i) & lab_z
         mus = (s1 == anatomy.WHOLE_MUSCLE.id) & (legs == i)
@@ -117,9 +127,14 @@ def print_tables(thigh: dict | None, calf: dict | None, title: str) -> None:
         z0, z1 = thigh["labelled_slices"]
         print(f"\nhuashan_thigh_001 (held out), DSC on the reference's labelled slices {z0}-{z1} of "
               f"0-{thigh['n_slices'] - 1}; segmentation {thigh['seconds']} s\n")
-        print("| muscle | left | right |\n|---|---|---|")
+        print("| muscle | left | right | confidence left | confidence right |\n|---|---|---|---|---|")
+        conf = thigh.get("confidence", {})
+
+        def c(m: str, leg: str) -> str:
+            v = conf.get(m, {}).get(leg)
+            return "-" if v is None else f"{v:.3f}"
         for m, d in thigh["muscles"].items():
-            print(f"| {m} | {d['left']:.3f} | {d['right']:.3f} |")
+            print(f"| {m} | {d['left']:.3f} | {d['right']:.3f} | {c(m, 'left')} | {c(m, 'right')} |")
         L, R = thigh["legs"]["left"], thigh["legs"]["right"]
         print(f"| **mean over muscles** | **{L['mean_muscle_dsc']:.3f}** | **{R['mean_muscle_dsc']:.3f}** |")
         print(f"| whole muscle vs union of reference muscles | {L['whole_muscle_vs_reference_union']:.3f} | "
@@ -130,6 +145,9 @@ def print_tables(thigh: dict | None, calf: dict | None, title: str) -> None:
               f"{R['stage1_muscle_without_label_labelled_slices']:.1%} |")
         print(f"| (the reference's own share there) | {L['reference_without_label_labelled_slices']:.1%} | "
               f"{R['reference_without_label_labelled_slices']:.1%} |")
+        if "confidence_dsc_spearman" in thigh:
+            print(f"\nSpearman correlation of the network's confidence with DSC over muscles and legs: "
+                  f"{thigh['confidence_dsc_spearman']:+.2f}")
     if calf:
         print("\nqmritools_calf (healthy, no labels): volume per muscle (mL)\n")
         print("| muscle | left | right |\n|---|---|---|")

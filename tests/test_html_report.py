@@ -291,6 +291,47 @@ console.log(JSON.stringify({bad: bad.length, n: IMGS.length, caption: els["slice
     assert out == {"bad": 0, "n": len(imgs), "caption": json.loads(data)["captions"][3], "hidden": ["hide-s2"]}
 
 
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _headless(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--enable-logging=stderr", "--v=0", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
+def test_report_in_a_real_browser(phantom, tmp_path):
+    """report.html in headless Chromium: the page loads with no script error, and moving the slider
+    changes the pictures and the caption (read back from the DOM the browser leaves)."""
+    study, q = _quantified(phantom)
+    html = render_study_report(study, phantom.stage1, phantom.stage2, "thigh", q.table, {"study": "x"})
+    probe = """<script>
+window.__errors = [];
+window.addEventListener("error", function (e) { window.__errors.push(String(e.message)); });
+window.addEventListener("load", function () {
+  var s = document.getElementById("slice"), img = document.querySelector("img[data-layer]");
+  var before = img.src, cap0 = document.getElementById("slice-label").textContent;
+  s.value = String(parseInt(s.max, 10)); s.dispatchEvent(new Event("input"));
+  var out = document.createElement("pre"); out.id = "probe";
+  out.textContent = JSON.stringify({errors: window.__errors, changed: img.src !== before,
+    caption_changed: document.getElementById("slice-label").textContent !== cap0,
+    images: document.querySelectorAll("img[data-layer]").length});
+  document.body.appendChild(out);
+});
+</script>"""
+    # the probe is registered before the page's own script runs, so it sees its errors too
+    page = tmp_path / "report.html"
+    page.write_text(html.replace("<body>", "<body>" + probe, 1) if "<body>" in html else probe + html)
+    res = _headless("--virtual-time-budget=5000", "--dump-dom", page.as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout, re.S)
+    assert m, res.stdout[-2000:]
+    out = json.loads(m.group(1).replace("&quot;", '"'))
+    assert out["errors"] == []
+    assert out["changed"] and out["caption_changed"] and out["images"] >= 3
+    assert "Uncaught" not in res.stderr  # console errors Chromium logs
+
+
 # --------------------------------------------------------------------------- index.html
 
 def test_tukey_outliers():
