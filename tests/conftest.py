@@ -71,3 +71,21 @@ def stub_cascade(monkeypatch, tmp_path_factory):
 
     monkeypatch.setattr(cascade_mod.Cascade, "load", staticmethod(load))
     return log
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """Untrained tiny-config weights of all four networks (plumbing, not accuracy), native working grid."""
+    import torch
+
+    from legcomp import anatomy
+    from legcomp.models import build_network, save_weights
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    for region in anatomy.REGIONS:
+        for stage in (1, 2):
+            model = build_network("tiny", 2, anatomy.n_classes(stage, region))
+            save_weights(folder / f"{region}_stage{stage}.pt", model, config="tiny", region=region, stage=stage,
+                         patch_size=[32, 32, 8], working_spacing=[None, None, None])
+    return folder

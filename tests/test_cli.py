@@ -11,7 +11,6 @@ import torch
 
 from legcomp import anatomy, cli
 from legcomp.cli import main
-from legcomp.models import build_network, save_weights
 from legcomp.phantom import generate, write_phantom
 from legcomp.training.toy import write_toy_cohort
 
@@ -24,18 +23,6 @@ TINY_PHANTOM = dict(matrix=(48, 32, 4), spacing=(9.0, 9.0, 9.0), supersample=1)
 def study(tmp_path_factory):
     """A tiny labelled thigh phantom study folder (water, fat, stage1, stage2, legs)."""
     return write_phantom(generate("thigh", 1, **TINY_PHANTOM), tmp_path_factory.mktemp("cli") / "thigh_00001")
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """Untrained tiny-config thigh weights (plumbing, not accuracy)."""
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    for stage in (1, 2):
-        model = build_network("tiny", 2, anatomy.n_classes(stage, "thigh"))
-        save_weights(folder / f"thigh_stage{stage}.pt", model, config="tiny", region="thigh", stage=stage,
-                     patch_size=[32, 32, 8], working_spacing=[None, None, None])
-    return folder
 
 
 def _one_error_line(capsys, name: str) -> str:

@@ -20,14 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from legcomp import anatomy
 from legcomp.cli import main
 from legcomp.inference import Cascade
 from legcomp.io import read_study
-from legcomp.models import build_network, save_weights
 from legcomp.phantom import generate, write_phantom
 from legcomp.preprocessing import inputs as prep
 from legcomp.quantification import quantify
@@ -40,19 +38,6 @@ TINY = dict(matrix=(96, 64, 12), spacing=(4.0, 4.0, 8.0))
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """Untrained tiny-config weights for both regions (plumbing, not accuracy), native working grid."""
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    for region in anatomy.REGIONS:
-        for stage in (1, 2):
-            model = build_network("tiny", 2, anatomy.n_classes(stage, region))
-            save_weights(folder / f"{region}_stage{stage}.pt", model, config="tiny", region=region, stage=stage,
-                         patch_size=[32, 32, 8], working_spacing=[None, None, None])
-    return folder
-
 
 @pytest.fixture(scope="module")
 def phantom():
