@@ -164,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from legcomp.pipeline import run_cohort
     return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
                       quantify=False, overlay=False, progress=not args.quiet, keep_ids=args.keep_ids,
-                      overwrite=args.overwrite, fix_swap=args.fix_swap)
+                      overwrite=args.overwrite, fix_swap=args.fix_swap, **_cluster_args(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,7 +172,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_cohort(args.input, args.out, region=args.region, weights=args.weights, device=args.device,
                       quantify=True, overlay=not args.no_overlay, fat_rule=args.fat_rule, progress=not args.quiet,
                       keep_hip=args.keep_hip, keep_ids=args.keep_ids, overwrite=args.overwrite,
-                      report=not args.no_report, dicom_seg=not args.no_dicom_seg, fix_swap=args.fix_swap)
+                      report=not args.no_report, dicom_seg=not args.no_dicom_seg, fix_swap=args.fix_swap,
+                      **_cluster_args(args))
+
+
+def _cluster_args(args: argparse.Namespace) -> dict:
+    """``run_cohort``'s Dask options from the command line (all None: the serial run)."""
+    return {"workers": args.workers, "scheduler": args.scheduler, "memory_per_worker": args.memory_per_worker}
 
 
 def _print_summary(table) -> None:
@@ -318,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--fix-swap", action="store_true",
                         help="exchange water and fat back where they look swapped (whole series, slices, a leg or a "
                         "region), before segmenting; without it a swap is only reported (stderr, run.json)")
+        where = sp.add_mutually_exclusive_group()
+        where.add_argument("--workers", type=int, metavar="N",
+                           help="run a cohort's studies on a local Dask cluster of N worker processes (one study at "
+                           "a time each, CPUs / N torch threads); needs pip install \"legcomp[cluster]\"")
+        where.add_argument("--scheduler", metavar="ADDRESS",
+                           help="run a cohort's studies on an existing Dask cluster (e.g. tcp://host:8786; dask-"
+                           "jobqueue on SLURM/PBS/SGE); its workers must see the input and output folders")
+        sp.add_argument("--memory-per-worker", metavar="SIZE",
+                        help="with --workers: each worker's memory limit (e.g. 4GB; default: memory / N); a study "
+                        "that goes over it fails alone (KilledWorker), after retries on other workers")
         if name == "run":
             sp.add_argument("--fat-rule", default="seed", help=fat_help)
             sp.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")

@@ -10,7 +10,8 @@ written: :mod:`legcomp.resume`; a re-run skips a study done from the same ones).
 temporary folder inside its output folder and moved into place only when complete, so a failure leaves nothing
 half-written. In a cohort, one failing study is
 reported (``failures.csv``) and the others go on; the cohort table is ``cohort_volumes.csv``, its
-page ``index.html`` (:mod:`legcomp.report.cohort`).
+page ``index.html`` (:mod:`legcomp.report.cohort`). With ``workers`` or ``scheduler`` a cohort's studies run
+on Dask, one task each (:mod:`legcomp.cluster`), with the same outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +34,9 @@ from legcomp.inference.cascade import Cascade
 from legcomp.io import DixonStudy, find_studies, read_study
 from legcomp.io.atomic import check_output_folder, safe_name, staged_output
 
+
+CLUSTER_PARAMS = frozenset({"workers", "scheduler", "memory_per_worker"})
+"""``run_cohort`` parameters that say where studies run, not what they give (left out of the fingerprint)."""
 
 OUTPUT_FILES = ("stage1.nii.gz", "stage2.nii.gz", "volumes.csv", "volumes.json", "mat.nii.gz", "intramat.nii.gz",
                 "intermat.nii.gz", "overlay.png", "report.html", "segmentation.dcm", "run.json")
@@ -189,6 +194,74 @@ def _write_report(study: DixonStudy, stage1, stage2, region: str, table: pd.Data
         prov["seconds"]["report"] = round(time.perf_counter() - t0, 2)
 
 
+def cohort_name(input: Path, path: Path) -> str:
+    """A study's output folder name: its path below the cohort folder ``input``, joined by ``_``, made safe."""
+    return safe_name("_".join(path.relative_to(input).parts) if path != input else path.name)
+
+
+def failure_record(path: Path, exc: Exception) -> dict:
+    """``{"study": path, "error": one line}`` for a study that failed with ``exc`` (failures.csv's row)."""
+    if isinstance(exc, LegcompInputError):
+        return {"study": str(path), "error": str(exc) if str(path) in str(exc) else f"{path}: {exc}"}
+    return {"study": str(path), "error": f"{type(exc).__name__}: {exc}"}
+
+
+def report_failure(record: dict) -> None:
+    """Print a failed study's one-line reason on stderr."""
+    err = record["error"]
+    print(f"legcomp: error: {err if record['study'] in err else record['study'] + ': ' + err}", file=sys.stderr)
+
+
+def load_cascade(region: str, weights: str | None, device: str) -> Cascade:
+    """Load a region's cascade, saying on stderr which network comes from the bundled weights instead of
+    ``weights`` (a folder holding only one of the region's two networks)."""
+    cascade = Cascade.load(region, weights, device)
+    if weights:
+        for stage, src in cascade.sources.items():
+            if Path(src).parent != Path(weights):
+                print(f"legcomp: {region} stage {stage}: none in {weights}, using the bundled {Path(src).name}",
+                      file=sys.stderr)
+    return cascade
+
+
+@dataclass(frozen=True)
+class CohortJob:
+    """What to do with each study of a cohort (plain data: sent as it is to cluster workers)."""
+
+    options: dict
+    region: str | None = None
+    weights: str | None = None
+    device: str = "auto"
+    overwrite: bool = False
+    keep_ids: bool = False
+    quantify: bool = True
+    overlay: bool = True
+    fat_rule: str = "seed"
+    keep_hip: bool = False
+    report: bool = True
+    dicom_seg: bool = True
+    fix_swap: bool = False
+
+    def run(self, path: Path, target: Path, name: str, get_cascade: Callable[[str], Cascade]) -> bool:
+        """Process one study into ``target`` unless it is up to date there (:mod:`legcomp.resume`);
+        True when it was skipped as up to date."""
+        from legcomp import resume
+
+        fingerprint = {"inputs": resume.input_fingerprint(path), "options": self.options}
+        if not self.overwrite and resume.is_up_to_date(target, fingerprint["inputs"], self.options, self.weights):
+            return True
+        study = read_study(path, region=self.region, name=name, keep_ids=self.keep_ids)
+        reg, how = resolve_region(study, self.region)
+        process_study(study, target, get_cascade(reg), region_how=how, quantify=self.quantify,
+                      overlay=self.overlay, fat_rule=self.fat_rule, keep_hip=self.keep_hip, fingerprint=fingerprint,
+                      report=self.report, dicom_seg=self.dicom_seg, fix_swap=self.fix_swap, keep_ids=self.keep_ids)
+        return False
+
+    def volumes(self, target: Path) -> pd.DataFrame | None:
+        """The study's ``volumes.csv`` as a table (None without quantification or without the file)."""
+        return pd.read_csv(target / "volumes.csv") if self.quantify and (target / "volumes.csv").exists() else None
+
+
 def for_each_study(input: Path, studies: list[Path], work: Callable[[Path, str], None], *,
                    progress: bool = True, failures: list[dict] | None = None) -> list[dict]:
     """Call ``work(path, name)`` for each study folder under ``input`` (name: its path below ``input``,
@@ -199,16 +272,11 @@ def for_each_study(input: Path, studies: list[Path], work: Callable[[Path, str],
     """
     failures = [] if failures is None else failures
     for path in tqdm(studies, desc="studies", unit="study", disable=not progress, file=sys.stderr):
-        name = safe_name("_".join(path.relative_to(input).parts) if path != input else path.name)
         try:
-            work(path, name)
-        except LegcompInputError as exc:
-            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            failures.append({"study": str(path), "error": msg})
-            print(f"legcomp: error: {msg}", file=sys.stderr)
+            work(path, cohort_name(input, path))
         except Exception as exc:
-            failures.append({"study": str(path), "error": f"{type(exc).__name__}: {exc}"})
-            print(f"legcomp: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failures.append(failure_record(path, exc))
+            report_failure(failures[-1])
     return failures
 
 
@@ -234,8 +302,14 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None, weights: str | None = None,
                device: str = "auto", quantify: bool = True, overlay: bool = True, fat_rule: str = "seed", keep_hip: bool = False,
                progress: bool = True, keep_ids: bool = False, overwrite: bool = False, report: bool = True,
-               dicom_seg: bool = True, fix_swap: bool = False) -> int:
+               dicom_seg: bool = True, fix_swap: bool = False, workers: int | None = None,
+               scheduler: str | None = None, memory_per_worker: str | None = None) -> int:
     """Run the cascade on one study folder or on every study under ``input``.
+
+    ``workers`` (a local Dask cluster of that many worker processes) or ``scheduler`` (the address of an
+    existing Dask cluster) run a cohort's studies in parallel, one task per study (:mod:`legcomp.cluster`;
+    needs ``pip install legcomp[cluster]``); ``memory_per_worker`` (e.g. ``4GB``) bounds each local worker.
+    The outputs are the same as serially.
 
     A study whose outputs are complete and were made from the same inputs, weights and options
     (``run.json``'s fingerprint, :mod:`legcomp.resume`) is skipped unless ``overwrite``. ``keep_ids``:
@@ -251,9 +325,12 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
     from legcomp import resume
     from legcomp.inference.cascade import resolve_device
 
-    options = resume.run_options(params)
+    options = resume.run_options({k: v for k, v in params.items() if k not in CLUSTER_PARAMS})
     input, out = Path(input), check_output_folder(out)
     resolve_device(device)  # fail before any work
+    if workers is not None or scheduler is not None or memory_per_worker is not None:
+        from legcomp.cluster import check_cluster_options
+        check_cluster_options(workers, scheduler, memory_per_worker)  # one line naming the extra without Dask
     if weights and not Path(weights).is_dir():
         raise LegcompInputError("weights folder not found", weights)
     studies = find_studies(input)
@@ -267,12 +344,7 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
 
     def get_cascade(reg: str) -> Cascade:
         if reg not in cascades:
-            cascades[reg] = Cascade.load(reg, weights, device)
-            if weights:
-                for stage, src in cascades[reg].sources.items():
-                    if Path(src).parent != Path(weights):
-                        print(f"legcomp: {reg} stage {stage}: none in {weights}, using the bundled {Path(src).name}",
-                              file=sys.stderr)
+            cascades[reg] = load_cascade(reg, weights, device)
         return cascades[reg]
 
     if single:
@@ -294,28 +366,34 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
     done_dirs: list[Path] = []
     skipped: list[Path] = []
 
+    job = CohortJob(options=options, region=region, weights=weights, device=device, overwrite=overwrite,
+                    keep_ids=keep_ids, quantify=quantify, overlay=overlay, fat_rule=fat_rule, keep_hip=keep_hip,
+                    report=report, dicom_seg=dicom_seg, fix_swap=fix_swap)
+
+    def record(path: Path, target: Path, was_skipped: bool, table: pd.DataFrame | None) -> None:
+        """A study done (or up to date): into the cohort's lists."""
+        if was_skipped:
+            skipped.append(path)
+        finished.append(path)
+        done_dirs.append(target)
+        if table is not None:
+            tables.append(table)
+
     def one(path: Path, name: str) -> None:
         target = out / name
         if name in names:
             raise LegcompInputError("two studies with the same name", path)
         names.add(name)
-        fingerprint = {"inputs": resume.input_fingerprint(path), "options": options}
-        if not overwrite and resume.is_up_to_date(target, fingerprint["inputs"], options, weights):
-            skipped.append(path)
-        else:
-            study = read_study(path, region=region, name=name, keep_ids=keep_ids)
-            reg, how = resolve_region(study, region)
-            process_study(study, target, get_cascade(reg), region_how=how, quantify=quantify, overlay=overlay,
-                          fat_rule=fat_rule, keep_hip=keep_hip, fingerprint=fingerprint, report=report,
-                          dicom_seg=dicom_seg, fix_swap=fix_swap, keep_ids=keep_ids)
-        finished.append(path)
-        done_dirs.append(target)
-        if quantify and (target / "volumes.csv").exists():
-            tables.append(pd.read_csv(target / "volumes.csv"))
+        record(path, target, job.run(path, target, name, get_cascade), job.volumes(target))
 
     failures: list[dict] = []
     try:
-        for_each_study(input, studies, one, progress=progress, failures=failures)
+        if workers is not None or scheduler is not None:
+            from legcomp.cluster import ClusterSpec, for_each_study_on_cluster
+            for_each_study_on_cluster(input, studies, out, job, record, failures, progress=progress,
+                                      spec=ClusterSpec(workers, scheduler, memory_per_worker))
+        else:
+            for_each_study(input, studies, one, progress=progress, failures=failures)
     except KeyboardInterrupt as exc:
         why = f"not done: interrupted by {_signal_name(exc)}"
         failed = {f["study"] for f in failures}
