@@ -3,9 +3,12 @@
 #
 #   bench/mutation.sh MODULE [MINUTES]
 #
-# MODULE: quantification | io | preprocessing | evaluation | training (training/loop.py) | all
+# MODULE: quantification | io | preprocessing | evaluation | all (training/loop.py is not mutated: see
+#   [tool.mutmut] in pyproject.toml)
 # MINUTES: wall-clock budget (default 30). mutmut is interrupted when it is spent; the mutants tested by
-#   then are kept (mutants/) and reported, the rest show as "not checked"; a rerun goes on from there.
+#   then are kept (mutants/) and reported, the rest show as "not checked"; a rerun goes on from there
+#   (it runs only the module's mutants not checked yet or surviving; ONLY=survived only the survivors,
+#   FULL=1 all of them again).
 #
 # Needs: pip install -e ".[dev]" (mutmut); the configuration is [tool.mutmut] in pyproject.toml (which files
 # are mutated, which tests run). Run from anywhere; it works in the repository root (mutants/ is written there).
@@ -16,12 +19,11 @@
 # score killed / (killed + survived). Surviving mutants: `mutmut results`, `mutmut show NAME`, `mutmut browse`.
 set -euo pipefail
 
-usage="usage: bench/mutation.sh quantification|io|preprocessing|evaluation|training|all [MINUTES]"
+usage="usage: bench/mutation.sh quantification|io|preprocessing|evaluation|all [MINUTES]"
 module=${1:?$usage}
 minutes=${2:-30}
 case "$module" in
     quantification|io|preprocessing|evaluation) pattern="legcomp.$module.*" ;;
-    training) pattern="legcomp.training.loop.*" ;;
     all) pattern="" ;;
     *) echo "$usage" >&2; exit 2 ;;
 esac
@@ -30,11 +32,28 @@ command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install -e 
 
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# mutmut reruns every mutant that matches the names it is given, killed ones included; so once mutants/
+# holds results, name only this module's mutants that are not checked yet or survived (after new tests)
+# and keep the verdicts of the others. FULL=1: rerun them all (after a change to the code under test);
+# ONLY=survived: rerun only the survivors (after writing tests for them).
+targets=(${pattern:+"$pattern"})
+if [[ -z "${FULL:-}" && -f mutants/mutmut-stats.json ]]; then
+    mapfile -t targets < <(mutmut results --all=true | python3 -c '
+import sys
+prefix = sys.argv[1].rstrip("*")
+for line in sys.stdin:
+    name, sep, outcome = line.strip().rpartition(": ")
+    if sep and "__mutmut_" in name and name.startswith(prefix) and outcome in sys.argv[2].split(","):
+        print(name)' "$pattern" "${ONLY:-not checked,survived}")
+    echo "mutation.sh: ${#targets[@]} mutants ${ONLY:-not checked,survived} (FULL=1 reruns all)"
+fi
 started=$(date +%s)
 rc=0
-# SIGINT first (mutmut stops as on Ctrl-C), SIGKILL a minute later if it has not
-timeout --signal=INT --kill-after=60 "$((minutes * 60))" \
-    nice -n "${NICE:-19}" mutmut run --max-children "${MUTMUT_CHILDREN:-1}" ${pattern:+"$pattern"} || rc=$?
+if (( ${#targets[@]} > 0 )) || [[ -z "$pattern" ]]; then
+    # SIGINT first (mutmut stops as on Ctrl-C), SIGKILL a minute later if it has not
+    timeout --signal=INT --kill-after=60 "$((minutes * 60))" \
+        nice -n "${NICE:-19}" mutmut run --max-children "${MUTMUT_CHILDREN:-1}" "${targets[@]}" || rc=$?
+fi
 elapsed=$(( $(date +%s) - started ))
 if (( rc == 124 || rc == 137 )); then
     echo "mutation.sh: the $minutes min budget ran out after ${elapsed} s; untested mutants count as not checked"

@@ -604,3 +604,148 @@ def test_strip_patient_ids(tmp_path):
     assert ds.PatientSex == "F" and ds.StudyInstanceUID == PATIENT["StudyInstanceUID"]  # the rest is kept
     raw = f.read_bytes()
     assert b"DOE" not in raw and b"19610203" not in raw and b"MRN-" not in raw
+
+
+def test_file_contrasts_from_per_frame_shared_and_file_headers():
+    """Header-only classification: an image needs Rows and Columns; a multi-frame file's frames are classified by
+    their own (per-frame) frame type, else the shared one, else the file's ImageType."""
+    from legcomp.io.dicom import file_contrasts
+
+    def frame_type(*types):
+        item = Dataset()
+        mr = Dataset()
+        mr.FrameType = list(types)
+        item.MRImageFrameTypeSequence = [mr]
+        return item
+
+    ds = Dataset()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "W"]
+    ds.Rows = 4
+    assert file_contrasts(ds) == set()  # no Columns: not an image
+    ds.Columns = 4
+    assert file_contrasts(ds) == {"water"}
+    del ds.Rows
+    assert file_contrasts(ds) == set()
+    multi = Dataset()
+    multi.Rows, multi.Columns, multi.NumberOfFrames = 4, 4, 2
+    multi.PerFrameFunctionalGroupsSequence = [frame_type("ORIGINAL", "PRIMARY", "M", "W"),
+                                              frame_type("ORIGINAL", "PRIMARY", "M", "F")]
+    assert file_contrasts(multi) == {"water", "fat"}
+    shared = Dataset()
+    shared.Rows, shared.Columns, shared.NumberOfFrames = 4, 4, 2
+    shared.PerFrameFunctionalGroupsSequence = [Dataset(), Dataset()]
+    shared.SharedFunctionalGroupsSequence = [frame_type("ORIGINAL", "PRIMARY", "M", "F")]
+    assert file_contrasts(shared) == {"fat"}
+
+
+def _im(k, iop=(1, 0, 0, 0, 1, 0), ps=(0.5, 0.8), size=(4, 3), series="#3 'dixon_W'", z=None):
+    from pathlib import Path
+
+    from legcomp.io.dicom import _Image
+
+    return _Image(path=Path(f"f{k}"), frame=None, series_uid="1.2", series=series, contrast="water", echo="",
+                  ipp=np.array([10.0, 20.0, 5.0 * k if z is None else z]), iop=np.array(iop, float),
+                  pixel_spacing=ps, size=size, slope=1.0, intercept=0.0)
+
+
+def test_series_geometry_affine_and_messages():
+    from legcomp.io.dicom import _geometry
+
+    stack, aff = _geometry([_im(2), _im(0), _im(1)], "here")
+    assert [im.path.name for im in stack] == ["f0", "f1", "f2"]  # sorted along the slice normal
+    np.testing.assert_allclose(aff, [[-0.8, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 5, 0], [0, 0, 0, 1]])
+    cases = [
+        ([_im(0), _im(1, size=(4, 4))], "series #3 'dixon_W' mixes image orientations, sizes or pixel spacings"),
+        ([_im(0), _im(1, ps=(0.5, 0.9))], "series #3 'dixon_W' mixes image orientations, sizes or pixel spacings"),
+        ([_im(0), _im(1, iop=(1, 0, 0, 0, 0.9, 0.1))], "series #3 'dixon_W' mixes image orientations, sizes or pixel spacings"),
+        ([_im(0, iop=(1, 0, 0, 0, 1.02, 0)), _im(1, iop=(1, 0, 0, 0, 1.02, 0))],
+         "series #3 'dixon_W': ImageOrientationPatient 1\\0\\0\\0\\1.02\\0 is not two orthogonal unit vectors"),
+        ([_im(0, iop=(1, 0, 0, 0.02, 1, 0)), _im(1, iop=(1, 0, 0, 0.02, 1, 0))],
+         "series #3 'dixon_W': ImageOrientationPatient 1\\0\\0\\0.02\\1\\0 is not two orthogonal unit vectors"),
+        ([_im(0, ps=(0.0, 1.0)), _im(1, ps=(0.0, 1.0))], "series #3 'dixon_W': PixelSpacing [0.0, 1.0] is not positive"),
+        ([_im(0, z=np.nan), _im(1)],
+         "series #3 'dixon_W': non-finite ImagePositionPatient, ImageOrientationPatient or PixelSpacing"),
+        ([_im(0)], "series #3 'dixon_W' has a single slice; a 3D volume is needed"),
+        ([_im(0), _im(1), _im(1)],
+         "series #3 'dixon_W': several images share one slice position (echoes, phases or repeats in one series?)"),
+        ([_im(0), _im(1), _im(2, z=10.5)],
+         "series #3 'dixon_W': uneven slice positions (gaps 5-5.5 mm, off a uniform grid by up to 0.25 mm)"),
+    ]
+    for images, msg in cases:
+        with pytest.raises(LegcompInputError) as info:
+            _geometry(images, "here")
+        assert str(info.value) == f"here: {msg}"
+    _geometry([_im(0, iop=(1, 0, 0, 0, 1.009, 0)), _im(1, iop=(1, 0, 0, 0, 1.009, 0))], "here")  # within 1 %
+    _geometry([_im(0), _im(1), _im(2, z=10.1)], "here")  # within 2 % of the step
+
+
+def test_header_value_helpers_region_and_one_study(tmp_path):
+    from legcomp.io.dicom import _check_one_study, _guess_region, _values, _words
+
+    assert _values(None) == [] and _values("orig\\ primary \\\\m") == ["ORIG", "PRIMARY", "M"]
+    assert _values(b"w\\f") == ["W", "F"] and _values(["a ", " ", "b"]) == ["A", "B"] and _values(3) == ["3"]
+    assert _words("Dixon in-phase") == ["DIXON", "INPHASE"] and _words("opp_phase") == ["OUTPHASE"]
+    assert _words("out of phase W") == ["OUTPHASE", "W"] and _words("Opposed Phase") == ["OUTPHASE"]
+
+    def hdr(**kw):
+        ds = Dataset()
+        for k, v in kw.items():
+            setattr(ds, k, v)
+        return ds
+
+    plain = tmp_path / "x" / "y"
+    plain.mkdir(parents=True)
+    assert _guess_region([hdr(BodyPartExamined="THIGH")], plain) == "thigh"
+    assert _guess_region([hdr(BodyPartExamined="LEG", SeriesDescription="calves dixon")], plain) == "calf"
+    assert _guess_region([hdr(BodyPartExamined="THIGH", SeriesDescription="calf")], plain) == "thigh"  # first source wins
+    assert _guess_region([hdr(BodyPartExamined="THIGH"), hdr(BodyPartExamined="CALF")], plain) == "unknown"
+    assert _guess_region([hdr(ProtocolName="Oberschenkel")], plain) == "thigh"
+    assert _guess_region([hdr(StudyDescription="lower leg")], plain) == "calf"
+    assert _guess_region([hdr()], plain) == "unknown"
+    thigh = tmp_path / "sub" / "thigh_dixon" / "series"
+    thigh.mkdir(parents=True)
+    assert _guess_region([hdr()], thigh) == "thigh"
+    _check_one_study([hdr(StudyInstanceUID="1"), hdr(StudyInstanceUID="1"), hdr()], tmp_path)
+    with pytest.raises(LegcompInputError) as info:
+        _check_one_study([hdr(StudyInstanceUID="1"), hdr(StudyInstanceUID="2")], tmp_path)
+    assert str(info.value) == (f"{tmp_path}: the Dixon series come from 2 different studies (StudyInstanceUID); "
+                               f"keep one acquisition per folder")
+
+
+def test_pixel_data_errors_name_the_file_and_arrays_are_float32(tmp_path):
+    from legcomp.io.dicom import _load
+
+    _siemens(tmp_path / "ok")
+    st = read_dicom_study(tmp_path / "ok")
+    assert st.water.dtype == np.float32 and st.fat.dtype == np.float32 and st.name == "ok"
+    f = sorted((tmp_path / "ok").iterdir())[0]
+    im = _im(0)
+    im.path = f
+    im.size = (NY, NX)  # (Rows, Columns) as the file says
+    vol = _load([im], {})
+    assert vol.dtype == np.float32 and vol.shape == (NX, NY, 1)
+    np.testing.assert_array_equal(vol[..., 0], pydicom.dcmread(f).pixel_array.T)
+    im.size = (NY + 1, NX)
+    with pytest.raises(LegcompInputError) as info:
+        _load([im], {})
+    assert str(info.value) == f"{f}: pixel data shape ({NY}, {NX}) differs from Rows x Columns ({NY + 1}, {NX})"
+    ds = pydicom.dcmread(f)
+    ds.PixelData = ds.PixelData[:10]  # cut short
+    ds.save_as(f)
+    im.size = (NY, NX)
+    with pytest.raises(LegcompInputError) as info:
+        _load([im], {})
+    assert str(info.value).startswith(f"{f}: cannot read pixel data, file truncated or unsupported (ValueError: ")
+
+
+def test_geometry_tolerances_and_region_from_the_nearest_folders(tmp_path):
+    from legcomp.io.dicom import _geometry, _guess_region
+
+    _geometry([_im(0, iop=(1, 0, 0, 0, 1, 0)), _im(1, iop=(1, 5e-5, 0, 0, 1, 0))], "here")  # within 1e-4
+    _geometry([_im(0, ps=(0.5, 0.8)), _im(1, ps=(0.50005, 0.8))], "here")
+    with pytest.raises(LegcompInputError, match="is not two orthogonal unit vectors"):
+        _geometry([_im(0, iop=(1.02, 0, 0, 0, 1, 0)), _im(1, iop=(1.02, 0, 0, 0, 1, 0))], "here")
+    deep = tmp_path / "calf_cohort" / "s1" / "a" / "b"  # only the last three folder names count
+    deep.mkdir(parents=True)
+    assert _guess_region([Dataset()], deep) == "unknown"
+    assert _guess_region([Dataset()], deep.parent) == "calf"

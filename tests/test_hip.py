@@ -189,6 +189,8 @@ def test_all_slices_joined_are_kept_with_a_note():
     s1[..., 0] = 0
     q = quantify(study_of(fg, affine()), s1, None, region="thigh")
     assert q.meta["hip"]["in_volumes"] is True and "no other slice" in q.meta["notes"][0]
+    assert q.meta["notes"][0].endswith(": kept: no other slice holds a labelled voxel, split between the legs at "
+                                       "the body midline")
 
 
 def test_process_study_records_coverage_and_keep_hip(tmp_path):
@@ -262,3 +264,44 @@ def test_quantify_cli_keep_hip(tmp_path):
         assert vj["meta"]["hip"]["in_volumes"] is bool(extra)
         totals[bool(extra)] = vj["legs"]["total"]["whole_muscle"]["volume_ml"]
     assert totals[False] < totals[True]
+
+
+def test_hip_notes_and_left_out_volumes_exactly():
+    """The note names the hip slices and what was left out (mL, per leg, rounded to 0.1 mL); keep_hip keeps them."""
+    from legcomp.quantification import quantify
+    fg = body()
+    st = study_of(fg, affine())
+    s1 = stage1_of(fg)
+    vml = st.voxel_volume_ml
+    q = quantify(st, s1, None, region="thigh")
+    hip_z = slice(JOINED.start, JOINED.stop)
+    legs = leg_map(fg, affine(), region="thigh")
+    lo = q.meta["hip"]["left_out_ml"]
+    assert set(lo) == {"left", "right"}
+    for leg_id, leg in ((LEFT, "left"), (RIGHT, "right")):
+        on = legs[..., hip_z] == leg_id
+        assert lo[leg] == {"subcutaneous_fat": round(float(np.count_nonzero((s1[..., hip_z] == 1) & on)) * vml, 1),
+                           "whole_muscle": round(float(np.count_nonzero((s1[..., hip_z] == 2) & on)) * vml, 1)}
+    wm = sum(v["whole_muscle"] for v in lo.values())
+    sat = sum(v["subcutaneous_fat"] for v in lo.values())
+    assert q.meta["notes"] == [f"slices 6, 7, 8, 9 show the hip/pelvis (legs joined in one cross-section): left out of "
+                               f"the volumes (whole muscle {wm:.0f} mL, SAT {sat:.0f} mL); keep them with --keep-hip"]
+    assert q.value("subcutaneous_fat", "volume_ml") == pytest.approx((s1[..., :JOINED.start] == 1).sum() * vml)
+    kept = quantify(st, s1, None, region="thigh", keep_hip=True)
+    assert kept.meta["notes"] == ["slices 6, 7, 8, 9 show the hip/pelvis (legs joined in one cross-section): kept as "
+                                  "asked, split between the legs at the body midline"]
+    assert kept.meta["hip"] == {"slices": [6, 7, 8, 9], "in_volumes": True, "left_out_ml": {}}
+
+
+def test_quantify_files_leaves_the_hip_out_unless_asked(tmp_path):
+    import nibabel as nib
+    from legcomp.quantification import quantify_files
+    fg = body()
+    st = study_of(fg, affine())
+    d = tmp_path / "thigh_hip"
+    d.mkdir()
+    for name, arr in (("water", st.water), ("fat", st.fat), ("stage1", stage1_of(fg))):
+        nib.save(nib.Nifti1Image(arr, affine()), str(d / f"{name}.nii.gz"))
+    q = quantify_files(d, None, None, None)
+    assert q.meta["hip"]["in_volumes"] is False
+    assert quantify_files(d, None, None, None, keep_hip=True).meta["hip"]["in_volumes"] is True

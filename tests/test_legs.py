@@ -168,3 +168,138 @@ def test_phantom_legs_recovered(which):
     fg = (ph.stage1 > 0) | (ph.stage2 > 0)
     legs = leg_map(fg, ph.affine, muscles=ph.stage2, region="thigh")
     assert (legs[fg] == ph.legs[fg]).mean() > 0.995
+
+
+def test_find_leg_split_valley_depth_and_mass_limits():
+    from legcomp.preprocessing.legs import find_leg_split
+
+    two = np.array([0, 4, 4, 1, 4, 4, 0], float)  # valley 1 / hump 4 = 0.25
+    assert find_leg_split(two, 0) == 3
+    assert find_leg_split(two, 0, valley_ratio=0.25) is None  # a valley must lie strictly below the ratio
+    assert find_leg_split(two, 0, valley_ratio=0.26) == 3
+    assert find_leg_split(np.array([4, 4, 4, 4], float), 0) is None  # no valley
+    assert find_leg_split(np.array([4, 0], float), 0) is None and find_leg_split(np.zeros(5), 0) is None
+    assert find_leg_split(np.array([2, 0, 2], float), 0) == 1  # the smallest profile with a valley
+    # either side must hold at least min_fraction of the mass (inclusive)
+    lop = np.array([1, 0, 9], float)  # left side holds 0.1
+    assert find_leg_split(lop, 0) == 1 and find_leg_split(lop, 0, min_fraction=0.11) is None
+    rlop = lop[::-1].copy()
+    assert find_leg_split(rlop, 0) == 1 and find_leg_split(rlop, 0, min_fraction=0.11) is None
+    # the deepest valley wins; smoothing fills a one-voxel notch
+    assert find_leg_split(np.array([5, 5, 2, 5, 5, 0, 5, 5], float), 0) == 5
+    notch = np.array([5, 5, 5, 5, 4, 5, 5, 5, 5], float)
+    assert find_leg_split(notch, 0, valley_ratio=0.9) == 4 and find_leg_split(notch, 3.0, valley_ratio=0.9) is None
+
+
+def test_side_from_muscles_distance_and_groups():
+    from legcomp import anatomy
+    from legcomp.preprocessing.legs import side_from_muscles
+
+    vl = anatomy.label_by_name("vastus_lateralis", "thigh").id
+    vm = anatomy.label_by_name("vastus_medialis", "thigh").id
+    lab = np.zeros((20, 3, 1), np.uint8)
+    lab[15, 1, 0] = vl  # lateral at x = 15 mm, medial at x = 10 mm: 5 mm apart
+    lab[10, 1, 0] = vm
+    assert side_from_muscles(lab, "thigh", np.eye(4)) == RIGHT
+    assert side_from_muscles(lab, "thigh", np.diag([-1.0, 1, 1, 1])) == LEFT
+    assert side_from_muscles(lab, "thigh", np.eye(4), min_mm=5.01) is None
+    assert side_from_muscles(lab[::-1].copy(), "thigh", np.eye(4)) == LEFT
+    assert side_from_muscles(np.where(lab == vm, 0, lab), "thigh", np.eye(4)) is None  # no medial muscle
+    assert side_from_muscles(np.where(lab == vl, 0, lab), "thigh", np.eye(4)) is None
+    with pytest.raises(LegcompInputError):
+        side_from_muscles(lab, "arm", np.eye(4))
+
+
+def test_gap_centre_and_slice_helpers():
+    from legcomp.preprocessing.legs import HIP_LEVEL, _gap_centre, input_slice_index, slice_levels
+
+    col = np.array([3, 3, 0, 0, 0, 3, 3])
+    assert _gap_centre(col, 3) == 3.0 and _gap_centre(col, 2) == 3.0 and _gap_centre(col, 5) == 4.5
+    assert _gap_centre(np.array([0, 0, 3]), 0) == 0.5 and _gap_centre(np.array([3, 0, 0]), 2) == 1.5
+    cov = ("empty", "apart", "touching", "one_leg", "joined", "joined", "empty")
+    assert slice_levels(cov, "thigh") == (None, "thigh", "thigh", "thigh", HIP_LEVEL, HIP_LEVEL, None)
+    assert slice_levels(cov, None) == (None, "leg", "leg", "leg", HIP_LEVEL, HIP_LEVEL, None)
+    assert slice_levels(cov, "calf") == (None, "calf", "calf", "calf", "calf", "calf", None)
+    assert slice_levels(("joined", "apart", "joined"), "thigh") == ("thigh", "thigh", HIP_LEVEL)
+    assert slice_levels(("joined", "touching"), "thigh") == ("thigh", "thigh")
+    assert slice_levels(("joined", "joined"), "thigh") == (HIP_LEVEL, HIP_LEVEL)  # nothing apart below
+    axis, idx = input_slice_index(None, 3)
+    assert axis is None and list(idx) == [0, 1, 2]
+    axis, idx = input_slice_index(np.diag([1.0, 1, -1, 1]), 3)
+    assert axis == 2 and list(idx) == [2, 1, 0]
+    perm = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # input axis 1 runs along z
+    axis, idx = input_slice_index(perm, 4)
+    assert axis == 1 and list(idx) == [0, 1, 2, 3]
+
+
+def test_coverage_report_rows():
+    from legcomp.preprocessing.legs import coverage_report, split_legs
+
+    fg = disc(20, 20, 10) | disc(60, 20, 10)
+    fg[..., 0] = False
+    aff = centred_affine()
+    split = split_legs(fg, aff, region="thigh")
+    rows = coverage_report(split, aff, "thigh")
+    assert len(rows) == SHAPE[2]
+    assert rows[0] == {"slice": 0, "z_mm": round(float((aff @ [39.5, 19.5, 0, 1])[2]), 1), "coverage": "empty",
+                       "level": None, "midline_x_mm": round(float((aff @ [split.midline_x[0], 19.5, 0, 1])[0]), 1),
+                       "in_volumes": False}
+    assert rows[1]["coverage"] == "apart" and rows[1]["level"] == "thigh" and rows[1]["in_volumes"] is True
+    assert rows[1]["midline_x_mm"] == round(float((aff @ [40.0, 19.5, 1, 1])[0]), 1)
+    assert rows[2]["z_mm"] - rows[1]["z_mm"] == pytest.approx(5.0)
+    keep = np.ones(SHAPE[2], bool)
+    keep[1] = False
+    rows = coverage_report(split, aff, "thigh", input_affine=np.diag([1.5, 1.5, -5.0, 1]), in_volumes=keep)
+    assert [r["slice"] for r in rows] == list(range(SHAPE[2]))[::-1]
+    assert rows[1]["in_volumes"] is False and rows[0]["in_volumes"] is True
+    one = split_legs(disc(60, 20, 10), aff)
+    assert all(r["midline_x_mm"] is None for r in coverage_report(one, aff, None))
+
+
+def test_bounding_box_shape_check_and_margins_per_axis():
+    fg = disc(20, 20, 10, z=range(3, 6))
+    legs = np.where(fg, LEFT, 0).astype(np.uint8)
+    with pytest.raises(LegcompInputError, match=r"leg map shape \(80, 40, 12\) differs from foreground shape \(80, 40, 11\)"):
+        leg_bounding_boxes(legs, fg[..., :11], 1.0, (1.5, 1.5, 5.0))
+    (sx, sy, sz), = leg_bounding_boxes(legs, fg, 4.5, (1.5, 1.0, 5.0)).values()
+    assert (sx.start, sx.stop) == (11 - 3, 30 + 3) and (sy.start, sy.stop) == (11 - 5, 30 + 5)
+    assert (sz.start, sz.stop) == (2, 7)  # ceil(4.5 / 5) = 1 slice
+    (sx, _, _), = leg_bounding_boxes(legs, fg, 0.0, (1.5, 1.5, 5.0)).values()
+    assert (sx.start, sx.stop) == (11, 30)
+
+
+def test_bounding_box_of_the_right_leg_alone():
+    fg = disc(60, 20, 10)
+    legs = np.where(fg, RIGHT, 0).astype(np.uint8)
+    boxes = leg_bounding_boxes(legs, fg, 0.0, (1.5, 1.5, 5.0))
+    assert set(boxes) == {RIGHT} and (boxes[RIGHT][0].start, boxes[RIGHT][0].stop) == (51, 70)
+
+
+def test_legs_joined_on_every_slice_measured_on_the_largest_component():
+    """No slice shows two legs: a cross-section at least 1.6 x as wide as deep (the largest component's
+    extent, strays left out) is both legs joined, split at the centre of its x-extent."""
+    from legcomp.preprocessing.legs import split_legs
+
+    fg = np.zeros(SHAPE[:2] + (3,), bool)
+    fg[10:58, 5:35] = True  # 48 x 30 voxels of 1.5 mm: aspect exactly 1.6
+    fg[0:2, 0:2] = True  # a stray, labelled before the body
+    aff = centred_affine(shape=fg.shape)
+    s = split_legs(fg, aff)
+    assert s.coverage == ("joined",) * 3
+    np.testing.assert_allclose(s.midline_x, [33.5] * 3)
+    assert set(np.unique(s.legs[10:34, 5:35])) == {LEFT} and set(np.unique(s.legs[34:58, 5:35])) == {RIGHT}
+    assert split_legs(fg, aff, joined_aspect=1.61).coverage == ("one_leg",) * 3
+
+
+def test_side_from_muscles_sign_with_no_minimum_distance():
+    from legcomp import anatomy
+    from legcomp.preprocessing.legs import side_from_muscles
+
+    vl = anatomy.label_by_name("vastus_lateralis", "thigh").id
+    vm = anatomy.label_by_name("vastus_medialis", "thigh").id
+    lab = np.zeros((20, 3, 1), np.uint8)
+    lab[10, 1, 0], lab[10, 2, 0] = vl, vm  # same world x: not to the right
+    assert side_from_muscles(lab, "thigh", np.eye(4), min_mm=0) == LEFT
+    assert side_from_muscles(lab, "thigh", np.diag([0.5, 1, 1, 1]) @ np.eye(4), min_mm=0) == LEFT
+    lab[10, 1, 0], lab[11, 1, 0] = 0, vl  # lateral 0.5 mm to the right
+    assert side_from_muscles(lab, "thigh", np.diag([0.5, 1, 1, 1]), min_mm=0) == RIGHT

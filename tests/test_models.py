@@ -309,3 +309,202 @@ def test_leg_crop_and_mirror():
     assert probs.sum() == 3 * where.sum() and probs[:, 38:42, 10:30].all()
     assert prep.is_left(1) and not prep.is_left(2)
     assert prep.pad_to_multiple(np.zeros((2, 19, 20, 5)), (16, 16, 4)).shape == (2, 32, 32, 8)
+
+
+def _raw_study(water, fat, source=""):
+    """A DixonStudy straight from arrays (no input checks), 2 mm voxels."""
+    w, f = np.asarray(water, np.float32), np.asarray(fat, np.float32)
+    return DixonStudy(water=w, fat=f, in_phase=w + f, opposed_phase=np.abs(w - f), affine=np.diag([2.0, 2, 2, 1]),
+                      source=source)
+
+
+def test_normalisation_specs_and_errors():
+    assert prep.normalisation_spec() == {"method": "fat_reference", "body_fraction": 0.1, "clip": [0.0, 2.0],
+                                         "fat_fraction_above": 0.75, "factor": 1.4}
+    assert prep.normalisation_spec("in_phase_percentile") == {"method": "in_phase_percentile", "body_fraction": 0.1,
+                                                              "clip": [0.0, 2.0], "percentile": 99.0}
+    assert prep.normalisation_of({}) == prep.normalisation_spec("in_phase_percentile")  # weights before 0.2
+    assert prep.normalisation_of({"normalisation": None})["method"] == "in_phase_percentile"
+    rec = prep.normalisation_of({"normalisation": {"method": "fat_reference", "factor": 2.0}})
+    assert rec["factor"] == 2.0 and rec["fat_fraction_above"] == 0.75
+    with pytest.raises(LegcompInputError) as info:
+        prep.normalisation_of({"normalisation": {"method": "zscore"}})
+    assert str(info.value) == "unknown normalisation 'zscore'; expected one of fat_reference, in_phase_percentile"
+
+
+def test_intensity_scale_rules_and_fallbacks():
+    n = 1000
+    w = np.zeros((10, 10, 10), np.float32)
+    f = np.zeros((10, 10, 10), np.float32)
+    flat_w, flat_f = w.reshape(-1), f.reshape(-1)
+    flat_f[:100], flat_w[:100] = 300.0, 100.0  # 100 voxels at FF 0.75 exactly: not pure fat (strictly above)
+    flat_w[100:400] = 50.0
+    st = _raw_study(w, f)
+    ip = (st.water + st.fat)[prep.body_mask(st)]
+    assert prep.intensity_scale(st) == pytest.approx(float(np.percentile(ip, 99.0)))  # fell back
+    flat_f[:100], flat_w[:100] = 301.0, 100.0  # now FF > 0.75: 100 pure-fat voxels are enough
+    st = _raw_study(w, f)
+    assert prep.intensity_scale(st) == pytest.approx(1.4 * 301.0)
+    assert prep.intensity_scale(st, {"method": "fat_reference", "factor": 2.0}) == pytest.approx(602.0)
+    flat_f[99] = 0.0  # 99 pure-fat voxels: too few
+    st = _raw_study(w, f)
+    assert prep.intensity_scale(st) == pytest.approx(float(np.percentile((st.water + st.fat)[prep.body_mask(st)], 99)))
+    assert prep.intensity_scale(st, {"method": "in_phase_percentile", "percentile": 50.0}) == pytest.approx(
+        float(np.percentile((st.water + st.fat)[prep.body_mask(st)], 50)))
+    assert prep.body_mask(_raw_study(np.full((2, 2, 2), 5.0), np.zeros((2, 2, 2)))).sum() == 8
+    b = np.zeros((1, 1, 1000))
+    b[..., 500:] = 1000.0
+    b[..., :500] = 100.0  # 0.1 x the 99.9th percentile (1000): not body (strictly above)
+    assert not prep.body_mask(_raw_study(b, np.zeros_like(b)))[..., :500].any()
+    with pytest.raises(LegcompInputError) as info:
+        prep.intensity_scale(_raw_study(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), source="s01"))
+    assert str(info.value) == "s01: water + fat is zero everywhere"
+    with pytest.raises(LegcompInputError) as info:
+        prep.intensity_scale(_raw_study(np.zeros((2, 2, 2)), np.zeros((2, 2, 2))))
+    assert info.value.path is None
+    neg = _raw_study(np.full((2, 2, 2), -3.0), np.zeros((2, 2, 2)))  # nothing positive: |W+F| max
+    assert prep.intensity_scale(neg, "in_phase_percentile") == pytest.approx(3.0)
+
+
+def test_network_inputs_scaled_clipped_and_checked():
+    w = np.array([[[0.0, 1.0], [2.0, 9.0]]], np.float32)
+    f = np.array([[[4.0, 1.0], [0.0, -1.0]]], np.float32)
+    st = _raw_study(w, f, source="s")
+    x1 = prep.stage1_input(st, scale=2.0)
+    assert x1.dtype == np.float32 and x1.shape == (2, 1, 2, 2)
+    np.testing.assert_array_equal(x1[0], [[[0, 0.5], [1, 2]]])  # 9 / 2 clipped to 2
+    np.testing.assert_array_equal(x1[1], [[[2, 0.5], [0, 0]]])  # -1 / 2 clipped to 0
+    s1 = np.array([[[2, 1], [0, 2]]], np.uint8)
+    x2 = prep.stage2_input(st, s1, scale=2.0)
+    assert x2.shape == (3, 1, 2, 2) and x2.dtype == np.float32
+    np.testing.assert_array_equal(x2[0], np.clip(np.abs(w - f) / 2, 0, 2))
+    np.testing.assert_array_equal(x2[2], [[[1, 0], [0, 1]]])
+    assert prep.stage2_input(st, scale=2.0).shape == (2, 1, 2, 2)
+    with pytest.raises(LegcompInputError) as info:
+        prep.stage2_input(st, np.zeros((2, 2, 2)), scale=2.0)
+    assert str(info.value) == "s: stage-1 mask shape (2, 2, 2) differs from the image shape (1, 2, 2)"
+    np.testing.assert_array_equal(prep.network_input(st, 2, s1, method="in_phase_percentile")[2], x2[2])
+    assert prep.network_input(st, "1").shape == (2, 1, 2, 2)
+    with pytest.raises(LegcompInputError) as info:
+        prep.network_input(st, 3)
+    assert str(info.value) == "unknown stage 3; expected 1 or 2"
+
+
+def test_working_grid_helpers():
+    assert prep.working_spacing() == (1.5, 1.5, None)
+    assert prep.working_spacing({}) == (None, None, None)  # weights without one: native grid
+    assert prep.working_spacing({"working_spacing": [1, 2, None]}) == (1.0, 2.0, None)
+    assert prep.working_spacing([3, 3, 3]) == (3.0, 3.0, 3.0)
+    with pytest.raises(LegcompInputError) as info:
+        prep.working_spacing([1, 2])
+    assert str(info.value) == "working spacing needs 3 values (x, y, z), got [1, 2]"
+    # an axis within 10 % of the target keeps its grid (inclusive)
+    assert prep.working_shape((100, 100, 10), (1.65, 1.35, 5.0), (1.5, 1.5, None)) == (100, 100, 10)
+    assert prep.working_shape((100, 100, 10), (1.66, 1.34, 5.0), (1.5, 1.5, None)) == (111, 89, 10)
+    assert prep.working_shape((1, 4, 4), (0.1, 1.5, 1.5), (1.5, 1.5, 1.5)) == (1, 4, 4)  # never below 1
+    a = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    assert prep.resample(a, (2, 2, 2)) is a
+    up = prep.resample(np.stack([a, a + 1]), (4, 4, 2), order=0)
+    assert up.shape == (2, 4, 4, 2) and np.array_equal(up[1] - up[0], np.ones((4, 4, 2)))
+    assert np.array_equal(up[0, ::2, ::2], a)
+    down = prep.resample(np.ones((5, 5, 3)), (2, 2, 3))
+    assert down.shape == (2, 2, 3)
+
+
+def test_working_study_and_back():
+    w = np.ones((30, 20, 4), np.float32)
+    aff = np.diag([0.75, 0.75, 5.0, 1.0])
+    lab = np.zeros(w.shape, np.uint8)
+    lab[10:20, 6:14] = 2
+    st = make_study({"water": (w, aff, "w"), "fat": (w * 2, aff, "f")}, labels={"stage1": (lab, aff, "l")})
+    work = prep.to_working(st)
+    assert work.shape == (15, 10, 4) and work.water.dtype == np.float32 and work.opposed_phase.dtype == np.float32
+    np.testing.assert_allclose(work.spacing, (1.5, 1.5, 5.0))
+    np.testing.assert_allclose(work.affine[:3, 3], st.affine[:3, 3] + [0.375, 0.375, 0.0])  # voxel centres aligned
+    assert work.labels["stage1"].dtype == np.uint8 and set(np.unique(work.labels["stage1"])) == {0, 2}
+    assert np.array_equal(prep.labels_to_working(lab, st, work), work.labels["stage1"])
+    assert prep.to_working(st, [0.75, 0.75, None]) is st
+    back = prep.from_working(work.labels["stage1"], work, st)
+    assert back.dtype == np.uint8 and back.shape == st.shape and np.array_equal(back, lab)
+    with pytest.raises(LegcompInputError) as info:
+        prep.from_working(np.zeros((3, 3, 3)), work, st)
+    assert str(info.value) == "array shape (3, 3, 3) does not match the working grid (15, 10, 4)"
+    prob = np.zeros((3, 15, 10, 4), np.float32)
+    prob[0], prob[2][work.labels["stage1"] == 2] = 0.6, 0.9
+    labels, conf = prep.labels_and_confidence(prob, work, st)
+    assert labels.dtype == np.uint8 and conf.dtype == np.float32 and labels.shape == st.shape
+    assert set(np.unique(labels)) == {0, 2} and conf.max() == pytest.approx(0.9) and conf.min() == pytest.approx(0.6)
+    same, c = prep.labels_and_confidence(prob, work, work)
+    assert np.array_equal(same, work.labels["stage1"]) and np.array_equal(c, np.where(same == 2, 0.9, 0.6).astype(np.float32))
+    assert np.array_equal(prep.labels_from_probabilities(prob, work, work), same)
+    with pytest.raises(LegcompInputError) as info:
+        prep.labels_and_confidence(prob[0], work, st)
+    assert str(info.value) == "probabilities of shape (15, 10, 4) do not match the working grid (15, 10, 4)"
+
+
+def test_crop_paste_mirror_and_pad():
+    s1 = np.zeros((30, 20, 3), np.uint8)
+    legs = np.zeros_like(s1)
+    s1[10:15, 6:9] = 2
+    legs[:] = 2
+    assert prep.leg_crop_box(s1, legs, 1, (1.5, 1.5, 5.0)) is None
+    assert prep.leg_crop_box(s1, legs, 2, (1.5, 2.0, 5.0), margin_mm=3.1) == (slice(7, 18), slice(4, 11), slice(0, 3))
+    assert prep.leg_crop_box(s1, legs, 2, (1.5, 1.5, 5.0), margin_mm=30) == (slice(0, 30), slice(0, 20), slice(0, 3))
+    assert prep.leg_crop_box(s1, legs, 2, (1.5, 1.5, 5.0), margin_mm=0) == (slice(10, 15), slice(6, 9), slice(0, 3))
+    full = np.zeros((2, 4, 4, 1))
+    box = (slice(1, 3), slice(0, 2), slice(0, 1))
+    where = np.array([[[True], [False]], [[False], [True]]])
+    out = prep.paste(full, np.ones((2, 2, 2, 1)) * 7, box, where)
+    assert out is full and full.sum() == 7 * 4 and full[1, 1, 0, 0] == 7 and full[1, 1, 1, 0] == 0
+    prep.paste(full, np.full((2, 2, 2, 1), 3.0), box)
+    assert (prep.crop(full, box) == 3).all()
+    a = np.arange(24).reshape(2, 3, 4, 1)
+    assert np.array_equal(prep.mirror_x(a), a[:, ::-1]) and prep.mirror_x(a).flags["C_CONTIGUOUS"]
+    assert np.array_equal(prep.mirror_x(a[0]), a[0, ::-1])
+    assert prep.is_left(1) and not prep.is_left(2) and not prep.is_left(0)
+    b = np.ones((2, 5, 3, 1))
+    assert prep.pad_to_multiple(b, (4, 4, 1)).shape == (2, 8, 4, 1)
+    assert prep.pad_to_multiple(b, (1, 1, 1), minimum=(6, 2, 3)).shape == (2, 6, 3, 3)
+    assert prep.pad_to_multiple(b, (1, 1, 1)) is b
+    z = prep.pad_to_multiple(np.ones((5, 3, 1)), (4, 4, 1), mode="constant")
+    assert z.shape == (8, 4, 1) and z.sum() == 15
+    assert prep.pad_to_multiple(np.ones((5, 3, 1)), (4, 4, 1)).sum() == 32  # edge mode repeats
+
+
+def test_default_normalisation_linear_resampling_and_label_ties():
+    # network inputs use the default (fat_reference) normalisation unless told otherwise
+    w = np.zeros((10, 10, 12), np.float32)
+    f = np.zeros_like(w)
+    f[..., :2], w[..., :2] = 500.0, 10.0  # 200 pure-fat voxels
+    w[..., 2:] = 300.0
+    st = _raw_study(w, f)
+    assert prep.intensity_scale(st) != pytest.approx(prep.intensity_scale(st, "in_phase_percentile"))
+    np.testing.assert_array_equal(prep.network_input(st, 1), prep.stage1_input(st, scale=prep.intensity_scale(st)))
+    np.testing.assert_array_equal(prep.network_input(st, 2), prep.stage2_input(st, scale=prep.intensity_scale(st)))
+    other = prep.intensity_scale(st, "in_phase_percentile")  # a recorded normalisation is passed on
+    np.testing.assert_array_equal(prep.network_input(st, 1, method="in_phase_percentile"), prep.stage1_input(st, scale=other))
+    np.testing.assert_array_equal(prep.network_input(st, 2, method="in_phase_percentile"), prep.stage2_input(st, scale=other))
+    # resampling is linear by default
+    ramp = np.array([0.0, 0.0, 4.0, 16.0])[:, None, None] * np.ones((1, 2, 2))
+    up = prep.resample(ramp, (8, 2, 2))
+    np.testing.assert_allclose(up[:, 0, 0], [0, 0, 0, 1, 3, 7, 13, 16])
+    np.testing.assert_allclose(prep.resample(ramp, (8, 2, 2), order=0)[:, 0, 0], [0, 0, 0, 0, 4, 4, 16, 16])
+    # label maps go to the working grid by nearest neighbour: no ids in between
+    lab = np.zeros((30, 20, 2), np.uint8)
+    lab[11:20, 7:13] = 2
+    lab_st = make_study({"water": (np.ones(lab.shape, np.float32), np.diag([0.75, 0.75, 5.0, 1]), "w"),
+                         "fat": (np.ones(lab.shape, np.float32), np.diag([0.75, 0.75, 5.0, 1]), "f")})
+    work = prep.to_working(lab_st)
+    assert set(np.unique(prep.labels_to_working(lab, lab_st, work))) == {0, 2}
+    # class probabilities: resampled linearly class by class; the lower class wins a tie, as argmax does
+    prob = np.zeros((3,) + work.shape, np.float32)
+    prob[1] = 0.5
+    prob[2] = 0.5
+    prob[0, :7] = 0.9
+    labels, conf = prep.labels_and_confidence(prob, work, lab_st)
+    assert set(np.unique(labels)) == {0, 1} and labels.dtype == np.uint8
+    expect = np.maximum.reduce([prep.resample(prob[c], lab_st.shape, 1) for c in range(3)])
+    np.testing.assert_array_equal(conf, expect)
+    assert ((conf > 0.5) & (conf < 0.9)).any()  # linear, not nearest, across the border
+    same, c = prep.labels_and_confidence(prob, work, work)
+    assert same.dtype == np.uint8 and c.dtype == np.float32 and set(np.unique(same)) == {0, 1}

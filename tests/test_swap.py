@@ -208,3 +208,213 @@ def test_real_studies_no_alarm_and_swaps_found(name):
     part = S.detect_swap(np.where(left, s.fat, s.water), np.where(left, s.water, s.fat), s.affine)
     assert part.verdict == "partial" and list(part.swapped) == ["left"]
     assert len(part.swapped["left"]) == sum(u.leg == "left" for u in part.units)
+
+
+def _unit(z, leg, verdict, score=float("nan"), sectors=(0,) * 12):
+    from legcomp.preprocessing.swap import SwapUnit
+
+    return SwapUnit(z=z, leg=leg, area_cm2=100.0, ff_surface=float("nan"), ff_inner=float("nan"),
+                    ff_marrow=float("nan"), score=score, sectors=tuple(sectors), verdict=verdict)
+
+
+def test_swap_rule_helpers_at_their_thresholds():
+    from legcomp.preprocessing import swap as S
+
+    assert S._ranges([3, 4, 5, 6, 7, 10]) == "3-7, 10" and S._ranges([1]) == "1" and S._ranges([]) == ""
+    assert S._ranges([2, 4, 5]) == "2, 4-5"
+    assert S._describe({"left": [1, 2, 3], "right": [5, 6]}, {"right": [8, 9, 11]}, {"left": 3, "right": 9}) == \
+        "the whole left leg; right leg, slices 5-6; part of the right leg, slices 8-9, 11"
+    assert S._describe({"left": []}, {}, {"left": 0}) == ""
+    assert S.integer_levels(np.array([0, 1, 2, 2.0])) == 3 and S.integer_levels(np.array([0, 1.5])) == 0
+    assert S.layer_index(np.array([0.4, 0.6, 1.5, 2.49]), 1.0).tolist() == [0, 1, 2, 2]
+    assert S.first_layer(1.0) == 3 and S.first_layer(2.0) == 2 and S.first_layer(2.7) == 2 and S.first_layer(4.0) == 1
+    # a sector: fat over water +1, water over fat -1; they must differ by CONTRAST (0.3) and the surface be decisive
+    assert S.sector_state(0.75, 0.45) == 1 and S.sector_state(0.75, 0.46) == 0 and S.sector_state(0.7, 0.1) == 1
+    assert S.sector_state(0.3, 0.6) == -1 and S.sector_state(0.31, 0.9) == 0 and S.sector_state(0.69, 0.1) == 0
+    assert S.sector_state(float("nan"), 0.1) == 0 and S.sector_state(0.9, float("nan")) == 0
+    assert S.score_terms(0.9, 0.2, 0.8) == pytest.approx(0.4 + 0.7 + 0.3)
+    assert S.score_terms(0.9, float("nan"), float("nan")) == pytest.approx(0.4)
+    assert S.score_terms(float("nan"), 0.2, 0.8) == pytest.approx(0.3)  # no inner term without a surface
+    assert np.isnan(S.score_terms(float("nan"), float("nan"), float("nan")))
+    assert S._max_circular_run(np.array([True, False, True, True])) == 3  # wraps around
+    assert S._max_circular_run(np.ones(4, bool)) == 4 and S._max_circular_run(np.zeros(4, bool)) == 0
+    fine, bad = (1,) * 12, (-1,) * 12
+    assert S.unit_verdict(0.15, (0,) * 12) == "ok" and S.unit_verdict(0.149, (0,) * 12) == "undecided"
+    assert S.unit_verdict(-0.15, (0,) * 12) == "swapped" and S.unit_verdict(-0.149, (0,) * 12) == "undecided"
+    assert S.unit_verdict(0.5, bad) == "undecided" and S.unit_verdict(-0.5, fine) == "undecided"
+    two = (-1, -1, 1, 1) + (0,) * 8
+    assert S.unit_verdict(0.5, two) == "partial" and S.unit_verdict(0.5, two, partial=False) == "ok"
+    assert S.unit_verdict(0.5, (-1, 0, 1, 1) + (0,) * 8) == "ok"  # one swapped sector is not a region
+    assert S.unit_verdict(float("nan"), two, partial=False) == "undecided"
+    assert S.swapped_arc((-1, -1, 1, -1) + (1,) * 8) == {0, 1}
+    assert S.swapped_arc((-1,) + (1,) * 10 + (-1,)) == {11, 0}  # circular
+    assert S.swapped_arc(bad) == set(range(12)) and S.swapped_arc(fine) == set()
+    sec = S.sector_map((5, 5), (2.0, 2.0))
+    assert sec.min() >= 0 and sec.max() < 12 and len(np.unique(sec)) >= 8
+
+
+def test_summarise_verdicts_and_the_report():
+    from legcomp.preprocessing.swap import SwapReport, summarise
+
+    assert summarise([_unit(0, "left", "ok"), _unit(1, "left", "undecided")]).verdict == "none"
+    assert summarise([_unit(0, "left", "undecided")]).verdict == "undecided"
+    assert summarise([]).verdict == "undecided"
+    r = summarise([_unit(0, "left", "swapped"), _unit(1, "left", "undecided"), _unit(2, "left", "swapped"),
+                   _unit(0, "right", "swapped")])
+    assert r.verdict == "whole" and r.swapped == {"left": [0, 1, 2], "right": [0]} and r.partial == {}
+    assert r.n_units == {"ok": 0, "swapped": 4, "partial": 0, "undecided": 0}
+    assert r.note() == ("fat-water swap: water and fat are swapped in the whole series; results are unreliable: "
+                        "check the images, or rerun with --fix-swap")
+    r = summarise([_unit(0, "left", "ok"), _unit(1, "left", "undecided"), _unit(2, "left", "swapped"),
+                   _unit(3, "left", "undecided")])
+    assert r.verdict == "partial" and r.swapped == {"left": [2, 3]}  # undecided at the end of a swapped stack
+    r.slice_index = np.array([9, 8, 7, 6])
+    r.fixed, r.exchanged = True, 42
+    assert r.note() == ("fat-water swap: water and fat are swapped in part of the series (left leg, slices 6-7); "
+                        "exchanged back in 42 voxels before segmenting (--fix-swap)")
+    assert r.to_json() == {"verdict": "partial", "swapped_slices": {"left": [6, 7]}, "partly_swapped_slices": {},
+                           "not_dixon": None, "not_judged": None,
+                           "units": {"ok": 1, "swapped": 2, "partial": 0, "undecided": 1}, "fixed": True,
+                           "exchanged_voxels": 42, "note": r.note()}
+    # partly swapped units count only in a chain of 3 consecutive slices whose arcs overlap
+    arc = (-1, -1, 1, 1) + (0,) * 8
+    far = (0,) * 6 + (-1, -1, 1, 1, 0, 0)
+    r = summarise([_unit(z, "right", "partial", 0.5, arc) for z in range(3)] + [_unit(5, "right", "partial", 0.5, arc)])
+    assert r.partial == {"right": [0, 1, 2]} and r.units[3].verdict == "ok"
+    r = summarise([_unit(0, "right", "partial", 0.5, arc), _unit(1, "right", "partial", 0.5, far),
+                   _unit(2, "right", "partial", 0.5, arc)])
+    assert r.verdict == "none" and r.partial == {}
+    bad = SwapReport("not_dixon", not_dixon="the water image holds 2 integer levels only (a label map?)")
+    assert bad.note() == "not a Dixon water/fat pair: the water image holds 2 integer levels only (a label map?)"
+    assert not bad.any_swap and SwapReport("none").note() == "" and SwapReport("undecided").to_json()["note"] is None
+    assert SwapReport("whole").input_slices([3, 1]) == [1, 3]
+
+
+def test_not_dixon_reasons():
+    from legcomp.preprocessing.swap import not_dixon_reason
+
+    rng = np.random.default_rng(0)
+    w = rng.random((20, 20, 4)) * 100 + 50
+    f = rng.random((20, 20, 4)) * 100 + 50
+    assert not_dixon_reason(w, f) == ""
+    lab = np.zeros_like(w)
+    lab[5:10] = 3
+    assert not_dixon_reason(lab, f) == "the water image holds 2 integer levels only (a label map?)"
+    assert not_dixon_reason(w, np.round(rng.random(w.shape) * 63)) == "the fat image holds 64 integer levels only (a label map?)"
+    assert not_dixon_reason(w, np.round(rng.random(w.shape) * 70)) == ""
+    phase = w - 120
+    assert not_dixon_reason(w, phase) == "the fat image holds many negative values (a phase image?)"
+    assert not_dixon_reason(w, w.copy()) == "water and fat are the same image"
+    assert not_dixon_reason(w, 3 * w + 1) == "water and fat are proportional (the same image scaled)"
+    assert not_dixon_reason(w, w * 0.01 * rng.random(w.shape)) == "the fat image holds almost no signal in the body"
+    assert not_dixon_reason(f * 0.01 * rng.random(w.shape), f) == "the water image holds almost no signal in the body"
+    tiny = np.zeros((4, 4, 4))
+    tiny[0, 0, 0] = 5.5
+    assert not_dixon_reason(tiny, tiny * 0.5 + 0.25) == ""  # fewer than 100 body voxels: not judged
+
+
+def test_body_helpers():
+    from legcomp.preprocessing.body import background_level, block_mean, body_mask, find_bones
+
+    a = np.zeros((40, 40, 2))
+    a[:2], a[-2:], a[:, :2], a[:, -2:] = 1.0, 2.0, 3.0, 4.0  # the outermost 5 %: 2 voxels each side
+    a[10:30, 10:30] = 100.0
+    assert background_level(a) == float(np.median(np.concatenate([a[:2].ravel(), a[-2:].ravel(), a[:, :2].ravel(),
+                                                                  a[:, -2:].ravel()])))
+    assert background_level(np.ones((3, 3, 1))) == 1.0  # at least one voxel each side
+    m = body_mask(a)
+    assert m[10:30, 10:30].all() and m.sum() == 2 * 400
+    ring = a.copy()
+    ring[15:25, 15:25] = 0.0  # a hole inside the body is filled
+    assert body_mask(ring).sum() == 2 * 400
+    noisy = np.full((40, 40, 1), 20.0)
+    noisy[10:30, 10:30] = 45.0  # above 15 % of the 99th percentile, but not 2.5 x the background (50)
+    assert not body_mask(noisy).any()
+    noisy[10:30, 10:30] = 51.0
+    assert body_mask(noisy).sum() == 400
+    assert body_mask(a, fraction=1.1).sum() == 0
+    b = np.arange(5 * 4 * 1, dtype=float).reshape(5, 4, 1)
+    bm = block_mean(b, 2)
+    assert bm.dtype == np.float32 and bm.shape == (2, 2, 1)
+    assert bm[0, 0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4) and bm[1, 1, 0] == pytest.approx((10 + 11 + 14 + 15) / 4)
+    assert block_mean(b, 1).dtype == np.float32 and block_mean(b, 1).shape == b.shape
+    # one leg slice (1 mm pixels): a disc of muscle with a dark 2 x 2 cm bone; a 0.5 x 0.5 cm void is a vessel
+    ii, jj = np.indices((80, 80))
+    leg = (ii - 40) ** 2 + (jj - 40) ** 2 < 35 ** 2
+    w = np.where(leg, 100.0, 0.0)
+    f = np.where(leg, 10.0, 0.0)
+    w[30:50, 30:50] = f[30:50, 30:50] = 1.0
+    w[40:45, 55:60] = f[40:45, 55:60] = 1.0
+    from scipy import ndimage
+    edt = ndimage.distance_transform_edt(leg)
+    lab, areas = find_bones(w, f, leg, edt, (1.0, 1.0))
+    assert len(areas) == 1 and areas[0] == pytest.approx(4.0, abs=0.5) and lab.max() == 1
+    assert lab[40, 40] == 1 and lab[42, 57] == 0
+    lab, areas = find_bones(w, f, leg, np.zeros_like(edt), (1.0, 1.0))  # nothing 3 mm inside
+    assert len(areas) == 0 and not lab.any()
+    lab, areas = find_bones(np.where(leg, 100.0, 0), np.where(leg, 10.0, 0), leg, edt, (1.0, 1.0))
+    assert len(areas) == 0 and not lab.any()
+
+
+def test_swap_region_on_the_input_grid_and_fix_swap_types():
+    from legcomp.preprocessing.swap import SwapReport, fix_swap, sector_map, swap_region, swapped_arc
+
+    legs = np.zeros((3, 2, 2), np.uint8)
+    legs[:2], legs[2] = 1, 2  # work grid: left leg rows 0-1, right leg row 2
+    rep = SwapReport("partial", units=[_unit(0, "right", "swapped"), _unit(1, "left", "ok")], legs=legs, work_factor=2)
+    region = swap_region(rep, (7, 5, 2))  # input grid: 2 x 2 blocks, the last row and column repeated
+    expect = np.zeros((7, 5, 2), bool)
+    expect[4:7, :, 0] = True
+    np.testing.assert_array_equal(region, expect)
+    assert swap_region(SwapReport("whole"), (2, 2, 1)).all()
+    assert not swap_region(SwapReport("none", legs=legs, units=rep.units), (7, 5, 2)).any()
+    assert not swap_region(SwapReport("partial", units=rep.units), (7, 5, 2)).any()  # no leg map
+    # a partly swapped unit: only its swapped sectors, angles true on anisotropic pixels
+    legs = np.full((12, 12, 1), 2, np.uint8)
+    sectors = (-1, -1) + (1,) * 10
+    u = _unit(0, "right", "partial", 0.5, sectors)
+    u.centre = (6.0, 6.0)
+    rep = SwapReport("partial", units=[u], legs=legs, work_factor=1, spacing=(1.0, 4.0))
+    want = np.isin(sector_map((12, 12), (6.0, 6.0), (1.0, 4.0)), sorted(swapped_arc(sectors)))
+    assert not np.array_equal(want, np.isin(sector_map((12, 12), (6.0, 6.0)), [0, 1]))
+    np.testing.assert_array_equal(swap_region(rep, (12, 12, 1))[..., 0], want)
+    assert swapped_arc((1, -1, -1) + (1,) * 9) == {1, 2}
+    # fix_swap exchanges water and fat there, keeping the arrays' types
+    w = np.full((12, 12, 1), 10.0, np.float32)
+    f = np.full((12, 12, 1), 90.0, np.float32)
+    st = make_study({"water": (w, np.eye(4), "w"), "fat": (f, np.eye(4), "f")})
+    fixed = fix_swap(st, rep)
+    assert fixed.water.dtype == np.float32 and fixed.fat.dtype == np.float32
+    np.testing.assert_array_equal(fixed.water[..., 0], np.where(want, 90.0, 10.0))
+    np.testing.assert_array_equal(fixed.fat[..., 0], np.where(want, 10.0, 90.0))
+    assert rep.fixed and rep.exchanged == int(want.sum()) and fixed.in_phase is st.in_phase
+
+
+def test_screen_study_reports_without_fixing_by_default(swapped_study, capsys):
+    st = read_study(swapped_study)
+    out, rep = S.screen_study(st)
+    assert out is st and rep.verdict == "whole" and not rep.fixed
+    assert "fat-water swap: water and fat are swapped in the whole series" in capsys.readouterr().err
+    np.testing.assert_array_equal(rep.slice_index, S.input_slice_index(st))
+    fixed, rep = S.screen_study(st, fix=True)
+    assert rep.fixed and np.array_equal(fixed.water, st.fat)
+
+
+def test_swap_slice_numbers_follow_the_input_slice_axis():
+    w = np.ones((4, 3, 5), np.float32)
+    st = make_study({"water": (w, np.diag([1.0, 1, -2, 1]), "w"), "fat": (w, np.diag([1.0, 1, -2, 1]), "f")})
+    assert S.input_slice_index(st).tolist() == [4, 3, 2, 1, 0]
+    st = make_study({"water": (w, np.diag([1.0, 1, 2, 1]), "w"), "fat": (w, np.diag([1.0, 1, 2, 1]), "f")})
+    assert S.input_slice_index(st).tolist() == [0, 1, 2, 3, 4]
+    perm = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # input axis 1 runs inferior
+    st = make_study({"water": (w, perm, "w"), "fat": (w, perm, "f")})
+    assert st.shape == (4, 5, 3) and S.input_slice_index(st).tolist() == [2, 1, 0]
+    from dataclasses import replace
+    assert S.input_slice_index(replace(st, input_affine=None)).tolist() == [0, 1, 2]
+
+
+def test_work_grid_blocks_fine_pixels_to_about_2_mm():
+    w = np.ones((41, 20, 2), np.float32)
+    ww, ff, body, legs, spacing, k = S.work_grid(w, w, np.diag([0.5, 0.7, 4.0, 1.0]))
+    assert k == 4 and spacing == pytest.approx((2.0, 2.8)) and ww.shape == (10, 5, 2) and legs.shape == body.shape
+    assert S.work_grid(w, w, np.diag([2.5, 2.5, 4.0, 1.0]))[5] == 1
