@@ -242,19 +242,34 @@ class CohortJob:
     dicom_seg: bool = True
     fix_swap: bool = False
 
-    def run(self, path: Path, target: Path, name: str, get_cascade: Callable[[str], Cascade]) -> bool:
-        """Process one study into ``target`` unless it is up to date there (:mod:`legcomp.resume`);
-        True when it was skipped as up to date."""
+    def fingerprint(self, path: Path) -> dict:
+        """What the outputs of the study at ``path`` are made from (:mod:`legcomp.resume`), weights aside."""
         from legcomp import resume
 
-        fingerprint = {"inputs": resume.input_fingerprint(path), "options": self.options}
-        if not self.overwrite and resume.is_up_to_date(target, fingerprint["inputs"], self.options, self.weights):
-            return True
+        return {"inputs": resume.input_fingerprint(path), "options": self.options}
+
+    def up_to_date(self, target: Path, fingerprint: dict) -> bool:
+        """True when ``target`` holds complete outputs of this fingerprint and weights (never with ``overwrite``)."""
+        from legcomp import resume
+
+        return not self.overwrite and resume.is_up_to_date(target, fingerprint["inputs"], self.options, self.weights)
+
+    def process(self, path: Path, target: Path, name: str | None, get_cascade: Callable[[str], Cascade],
+                fingerprint: dict) -> tuple[str, str]:
+        """Read, segment and quantify one study into ``target``; returns (study name, region)."""
         study = read_study(path, region=self.region, name=name, keep_ids=self.keep_ids)
         reg, how = resolve_region(study, self.region)
         process_study(study, target, get_cascade(reg), region_how=how, quantify=self.quantify,
                       overlay=self.overlay, fat_rule=self.fat_rule, keep_hip=self.keep_hip, fingerprint=fingerprint,
                       report=self.report, dicom_seg=self.dicom_seg, fix_swap=self.fix_swap, keep_ids=self.keep_ids)
+        return study.name, reg
+
+    def run(self, path: Path, target: Path, name: str, get_cascade: Callable[[str], Cascade]) -> bool:
+        """Process one study into ``target`` unless it is up to date there; True when it was skipped."""
+        fingerprint = self.fingerprint(path)
+        if self.up_to_date(target, fingerprint):
+            return True
+        self.process(path, target, name, get_cascade, fingerprint)
         return False
 
     def volumes(self, target: Path) -> pd.DataFrame | None:
@@ -347,17 +362,16 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
             cascades[reg] = load_cascade(reg, weights, device)
         return cascades[reg]
 
+    job = CohortJob(options=options, region=region, weights=weights, device=device, overwrite=overwrite,
+                    keep_ids=keep_ids, quantify=quantify, overlay=overlay, fat_rule=fat_rule, keep_hip=keep_hip,
+                    report=report, dicom_seg=dicom_seg, fix_swap=fix_swap)
     if single:
-        fingerprint = {"inputs": resume.input_fingerprint(input), "options": options}
-        if not overwrite and resume.is_up_to_date(out, fingerprint["inputs"], options, weights):
+        fingerprint = job.fingerprint(input)
+        if job.up_to_date(out, fingerprint):
             print(f"{input}: up to date in {out} (same inputs, weights and options; --overwrite redoes it)")
             return 0
-        study = read_study(input, region=region, keep_ids=keep_ids)
-        reg, how = resolve_region(study, region)
-        process_study(study, out, get_cascade(reg), region_how=how, quantify=quantify, overlay=overlay,
-                      fat_rule=fat_rule, keep_hip=keep_hip, fingerprint=fingerprint, report=report,
-                      dicom_seg=dicom_seg, fix_swap=fix_swap, keep_ids=keep_ids)
-        print(f"{study.name}: {reg}, wrote {out}")
+        name, reg = job.process(input, out, None, get_cascade, fingerprint)
+        print(f"{name}: {reg}, wrote {out}")
         return 0
 
     tables = []
@@ -365,10 +379,6 @@ def run_cohort(input: str | Path, out: str | Path, *, region: str | None = None,
     finished: list[Path] = []
     done_dirs: list[Path] = []
     skipped: list[Path] = []
-
-    job = CohortJob(options=options, region=region, weights=weights, device=device, overwrite=overwrite,
-                    keep_ids=keep_ids, quantify=quantify, overlay=overlay, fat_rule=fat_rule, keep_hip=keep_hip,
-                    report=report, dicom_seg=dicom_seg, fix_swap=fix_swap)
 
     def record(path: Path, target: Path, was_skipped: bool, table: pd.DataFrame | None) -> None:
         """A study done (or up to date): into the cohort's lists."""
