@@ -442,6 +442,22 @@ def test_working_study_and_back():
     assert str(info.value) == "probabilities of shape (15, 10, 4) do not match the working grid (15, 10, 4)"
 
 
+def test_crop_box_ignores_hip_slices_for_its_width():
+    """Hip/pelvis slices (half a pelvis per leg) do not widen a leg's crop box; z stays whole; a leg
+    with muscle only on skipped slices still gets a box from them."""
+    s1 = np.zeros((30, 20, 4), np.uint8)
+    legs = np.full_like(s1, 2)
+    s1[10:15, 6:9, :3] = 2
+    s1[2:25, 3:18, 3] = 2  # the top slice: pelvic contents called muscle
+    hip = np.array([False, False, False, True])
+    assert prep.leg_crop_box(s1, legs, 2, (1, 1, 5), margin_mm=0) == (slice(2, 25), slice(3, 18), slice(0, 4))
+    assert prep.leg_crop_box(s1, legs, 2, (1, 1, 5), margin_mm=0, skip_slices=hip) == (
+        slice(10, 15), slice(6, 9), slice(0, 4))
+    s1[:, :, :3] = 0
+    assert prep.leg_crop_box(s1, legs, 2, (1, 1, 5), margin_mm=0, skip_slices=hip) == (
+        slice(2, 25), slice(3, 18), slice(0, 4))
+
+
 def test_crop_paste_mirror_and_pad():
     s1 = np.zeros((30, 20, 3), np.uint8)
     legs = np.zeros_like(s1)

@@ -1,7 +1,8 @@
 """The two-stage cascade at inference time.
 
 Stage 1 segments the whole field of view (background / SAT / whole muscle) from water and fat.
-Stage 2 then runs once per leg: a box around that leg's stage-1 whole muscle (plus a margin)
+Stage 2 then runs once per leg: a box around that leg's stage-1 whole muscle (plus a margin;
+its in-plane size set by the slices below the hip, as in training, where no pelvis is cropped)
 is cut out, a left leg is mirrored along x to look like a right leg, the region's muscle
 network labels it (opposed phase and water), the result is mirrored back and pasted into the
 full image, inside the stage-1 whole-muscle mask. Both networks run with MONAI's
@@ -26,7 +27,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
 from legcomp.models import bundled_weights_dir, load_weights, weights_file_name
 from legcomp.preprocessing import inputs as prep
-from legcomp.preprocessing.legs import leg_map, side_from_muscles
+from legcomp.preprocessing.legs import HIP_LEVEL, side_from_muscles, slice_levels, split_legs
 
 INFERENCE_ROI_MAX = (320, 320, 48)
 """Largest sliding window (voxels x, y, z) at inference; bounds memory whatever the image size."""
@@ -187,10 +188,16 @@ class Cascade:
         muscle = stage1 == anatomy.WHOLE_MUSCLE.id
         if not muscle.any():
             return np.zeros(study.shape, np.uint8), np.ones(study.shape, np.float32)
-        legs = leg_map(stage1 > 0, study.affine)
+        split = split_legs(stage1 > 0, study.affine)
+        legs = split.legs
         work = work if work is not None else prep.to_working(study, self.stage2.meta)
         s1_work = prep.labels_to_working(stage1, study, work)
         legs_work = prep.labels_to_working(legs, study, work)
+        # hip/pelvis slices (legs joined above the thighs) do not set the crop boxes' width: the
+        # network was trained on crops of legs, not of half a pelvis
+        hip = np.array([lv == HIP_LEVEL for lv in slice_levels(split.coverage, self.region)])
+        hip_work = prep.labels_to_working(np.broadcast_to(hip, study.shape).astype(np.uint8), study, work)
+        hip_work = hip_work.any(axis=(0, 1))
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None,
                                   method=prep.normalisation_of(self.stage2.meta))
         # float16 halves the largest array of a run (n_classes x the working grid); the resampling
@@ -199,7 +206,7 @@ class Cascade:
         full[0] = 1.0  # background wherever no leg's muscle is pasted
         leg_ids = [int(v) for v in np.unique(legs_work[legs_work > 0])]
         for leg_id in leg_ids:
-            box = prep.leg_crop_box(s1_work, legs_work, leg_id, work.spacing, LEG_MARGIN_MM)
+            box = prep.leg_crop_box(s1_work, legs_work, leg_id, work.spacing, LEG_MARGIN_MM, skip_slices=hip_work)
             if box is None:
                 continue
             inside = (prep.crop(legs_work, box) == leg_id) & (prep.crop(s1_work, box) == anatomy.WHOLE_MUSCLE.id)

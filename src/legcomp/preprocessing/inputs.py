@@ -301,14 +301,21 @@ def labels_and_confidence(prob: np.ndarray, work: DixonStudy, study: DixonStudy)
 # --------------------------------------------------------------------------- leg crops
 
 def leg_crop_box(stage1: np.ndarray, legs: np.ndarray, leg_id: int, spacing: Sequence[float],
-                 margin_mm: float = LEG_MARGIN_MM) -> tuple[slice, slice, slice] | None:
+                 margin_mm: float = LEG_MARGIN_MM, skip_slices: np.ndarray | None = None
+                 ) -> tuple[slice, slice, slice] | None:
     """Box around one leg's stage-1 whole muscle, grown in-plane by ``margin_mm``; full z extent.
 
+    ``skip_slices``: optional bool per z slice; those slices do not widen the box in-plane (the
+    hip/pelvis slices, where each leg's half of the joined cross-section holds pelvic contents that
+    would pull the box towards the midline), unless the leg has whole muscle on no other slice.
     Returns None when the leg has no whole-muscle voxel.
     """
     sel = (np.asarray(legs) == leg_id) & (np.asarray(stage1) == anatomy.WHOLE_MUSCLE.id)
     if not sel.any():
         return None
+    if skip_slices is not None:
+        kept = sel & ~np.asarray(skip_slices, bool)[None, None, :]
+        sel = kept if kept.any() else sel
     box = []
     for ax in range(2):
         other = tuple(a for a in range(3) if a != ax)
