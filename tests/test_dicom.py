@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -252,6 +253,7 @@ def test_coronal_no_preamble_region_and_name_arguments(tmp_path):
     (["ORIGINAL", "PRIMARY", "LOCALIZER"], "localizer", "", None),
     ([], "t1_tse_tra", "", None),
     ([], "water fat", "", None),
+    (["ORIGINAL", "PRIMARY", "M", "SHUFFLE"], "t1_tra_F", "", None),  # no Dixon hint made across two values
 ])
 def test_classification_rules(image_type, desc, protocol, expected):
     assert classify_dixon(image_type, desc, protocol) == expected
@@ -490,8 +492,8 @@ def test_series_of_two_studies_are_not_one_acquisition(tmp_path):
                   extra={"StudyInstanceUID": generate_uid()})
     _write_series(tmp_path / "f", "dixon_F", ["DERIVED", "PRIMARY", "DIXON", "FAT"], _data(1),
                   extra={"StudyInstanceUID": generate_uid()})
-    with pytest.raises(LegcompInputError, match=r"2 different studies"):
-        read_dicom_study(tmp_path)
+    assert str(_err_dicom(tmp_path)) == (f"{tmp_path}: the Dixon series come from 2 different studies "
+                                         f"(StudyInstanceUID); keep one acquisition per folder")
 
 
 PATIENT = {"PatientName": "DOE^JANE", "PatientBirthDate": "19610203", "PatientID": "../MRN-77321",
@@ -749,3 +751,304 @@ def test_geometry_tolerances_and_region_from_the_nearest_folders(tmp_path):
     deep.mkdir(parents=True)
     assert _guess_region([Dataset()], deep) == "unknown"
     assert _guess_region([Dataset()], deep.parent) == "calf"
+
+
+def test_geometry_tolerance_boundaries_are_inclusive():
+    """A slice gap of exactly 0.01 mm, a position off the uniform grid by exactly the tolerance (2 % of the
+    step) and a row/column cosine product of exactly 0.01 are all still accepted."""
+    from legcomp.io.dicom import _geometry
+
+    _, aff = _geometry([_im(0, z=0.0), _im(1, z=0.01)], "here")
+    assert aff[2, 2] == 0.01
+    _geometry([_im(0, z=0.0), _im(1, z=51.0), _im(2, z=100.0)], "here")  # step 50 mm, 1 mm off
+    _geometry([_im(0, iop=(1, 0, 0, 0.01, 1, 0)), _im(1, iop=(1, 0, 0, 0.01, 1, 0))], "here")
+
+
+def _header(drop=(), **kw):
+    """An in-memory classic water image header (3 rows x 4 columns) with geometry; ``drop``: tags to leave out."""
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.ImageType = 3, 4, ["DERIVED", "PRIMARY", "DIXON", "WATER"]
+    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [1, 2, 3], [1, 0, 0, 0, 1, 0], [0.5, 0.8]
+    for key, value in kw.items():
+        setattr(ds, key, value)
+    for key in drop:
+        delattr(ds, key)
+    return ds
+
+
+def test_images_of_a_classic_file_labels_and_defaults(tmp_path):
+    """Without SeriesInstanceUID images group by folder; a missing SeriesNumber / SeriesDescription reads '?' / '';
+    no echo number is no echo; an empty RescaleSlope is 1; an image needs both Rows and Columns."""
+    from legcomp.io.dicom import _images
+
+    p = tmp_path / "s" / "f1"
+    (im,) = _images(p, _header(RescaleSlope=""))
+    assert (im.series_uid, im.series, im.contrast, im.echo, im.frame) == (f"nouid:{p.parent}", "#? ''", "water", "", None)
+    assert (im.size, im.pixel_spacing, im.slope, im.intercept) == ((3, 4), (0.5, 0.8), 1.0, 0.0)
+    np.testing.assert_array_equal(im.ipp, [1, 2, 3])
+    (im,) = _images(p, _header(SeriesInstanceUID="1.2.3", SeriesNumber=7, SeriesDescription="dixon W", EchoNumbers=2,
+                               RescaleSlope=2, RescaleIntercept=-5))
+    assert (im.series_uid, im.series, im.echo, im.slope, im.intercept) == ("1.2.3", "#7 'dixon W'", "2", 2.0, -5.0)
+    assert _images(p, _header(drop=["Columns"])) == [] and _images(p, _header(drop=["Rows"])) == []
+
+
+@pytest.mark.parametrize("drop,kw", [(["ImagePositionPatient"], {}), (["ImageOrientationPatient"], {}),
+                                     (["PixelSpacing"], {}), ([], {"ImagePositionPatient": [1, 2]}),
+                                     ([], {"ImageOrientationPatient": [1, 0, 0, 0, 1]})])
+def test_images_without_valid_geometry_tags(tmp_path, drop, kw):
+    from legcomp.io.dicom import _images
+
+    with pytest.raises(LegcompInputError) as info:
+        _images(tmp_path / "f1", _header(drop, **kw))
+    assert str(info.value) == (f"{tmp_path / 'f1'}: water image without valid ImagePositionPatient / "
+                               f"ImageOrientationPatient / PixelSpacing")
+    assert info.value.path == tmp_path / "f1"
+
+
+def test_images_of_a_two_frame_file_use_the_frame_groups_over_the_file(tmp_path):
+    """Frame 0 is no Dixon image (its own frame type); frame 1 is fat by the shared frame type, with its own echo
+    time and the shared rescale (the file-level echo number and intercept are not used)."""
+    from legcomp.io.dicom import _images
+
+    def item(**seqs):
+        it = Dataset()
+        for seq, attrs in seqs.items():
+            inner = Dataset()
+            for k, v in attrs.items():
+                setattr(inner, k, v)
+            setattr(it, seq, [inner])
+        return it
+
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SeriesDescription = 3, 4, 2, "multi"
+    ds.EchoNumbers, ds.RescaleIntercept = 1, 7
+    ds.SharedFunctionalGroupsSequence = [item(
+        PlaneOrientationSequence={"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]},
+        PixelMeasuresSequence={"PixelSpacing": [0.5, 0.8]},
+        PixelValueTransformationSequence={"RescaleSlope": 1.5, "RescaleIntercept": -10},
+        MRImageFrameTypeSequence={"FrameType": ["DERIVED", "PRIMARY", "FAT", "FAT"]})]
+    ds.PerFrameFunctionalGroupsSequence = [
+        item(PlanePositionSequence={"ImagePositionPatient": [1, 2, 3]},
+             MRImageFrameTypeSequence={"FrameType": ["ORIGINAL", "PRIMARY", "M", "NONE"]}),
+        item(PlanePositionSequence={"ImagePositionPatient": [1, 2, 8]}, MREchoSequence={"EffectiveEchoTime": 4.2})]
+    (im,) = _images(tmp_path / "mf", ds)
+    assert (im.frame, im.contrast, im.echo, im.slope, im.intercept) == (1, "fat", "4.2", 1.5, -10.0)
+    np.testing.assert_array_equal(im.ipp, [1, 2, 8])
+
+
+def _tiny(folder, desc, image_type, number, **kw):
+    """A one-slice 2 x 2 series."""
+    return _write_series(folder, desc, image_type, _data(number)[:2, :2, :1], number=number, seed=number, **kw)
+
+
+def test_read_dicom_study_messages_list_the_series(tmp_path):
+    """Messages name every series by number and description, in series order (not by UID)."""
+    water, fat, inphase = (["DERIVED", "PRIMARY", "DIXON", t] for t in ("WATER", "FAT", "IN_PHASE"))
+    e = _err_dicom(tmp_path / "missing")
+    assert str(e) == f"{tmp_path / 'missing'}: not a folder" and e.path == tmp_path / "missing"
+    a = tmp_path / "a"  # two water series; their UIDs sort the other way round
+    _tiny(a, "dixon_a", water, 1, uid="1.2.9")
+    _tiny(a, "dixon_b", water, 2, uid="1.2.1")
+    _tiny(a, "dixon_c", fat, 3)
+    e = _err_dicom(a)
+    assert str(e) == f"{a}: 2 candidate series for water: #1 'dixon_a', #2 'dixon_b'; keep one Dixon acquisition " \
+                     f"per folder" and e.path == a
+    b = tmp_path / "b"
+    _tiny(b, "dixon_a", water, 1)
+    _tiny(b, "dixon_ip", inphase, 2)
+    assert str(_err_dicom(b)) == f"{b}: no fat series found (found water #1 'dixon_a', in_phase #2 'dixon_ip')"
+    c = tmp_path / "c"  # no Dixon image; one file without SeriesNumber and SeriesDescription
+    _tiny(c, "t1_tse", ["ORIGINAL", "PRIMARY", "M", "ND"], 1)
+    _tiny(c / "x", "t1_tse", ["ORIGINAL", "PRIMARY", "M", "ND"], 2)
+    (f,) = (c / "x").iterdir()
+    ds = pydicom.dcmread(f)
+    del ds.SeriesNumber, ds.SeriesDescription
+    ds.save_as(f)
+    assert str(_err_dicom(c)) == f"{c}: no Dixon water/fat series among 2 series (#1 't1_tse', #? '')"
+    d = tmp_path / "d"  # seven series: the first six are named
+    for n in range(1, 8):
+        _tiny(d, "t1_tse", ["ORIGINAL", "PRIMARY", "M", "ND"], n)
+    listed = ", ".join(f"#{n} 't1_tse'" for n in range(1, 7))
+    assert str(_err_dicom(d)) == f"{d}: no Dixon water/fat series among 7 series ({listed})"
+
+
+def _err_dicom(folder, **kw) -> LegcompInputError:
+    with pytest.raises(LegcompInputError) as info:
+        read_dicom_study(folder, **kw)
+    return info.value
+
+
+def test_implausible_size_in_the_headers_is_refused_before_reading_pixels(tmp_path):
+    """Rows x Columns of a broken header (pixel data far too short) are refused by size, naming the series."""
+    _siemens(tmp_path, ("water", "fat"))
+    for f in tmp_path.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.Rows, ds.Columns = 40000, 30000
+        ds.save_as(f)
+    assert str(_err_dicom(tmp_path)) == (
+        f"{tmp_path} series #0 'dixon_water': (30000, 40000, {NZ}) voxels of 0.9x0.8x5 mm would need about "
+        f"{30000 * 40000 * NZ * 40 / 1e9:.0f} GB at its own grid (limit 8 GB): a broken header?")
+
+
+def test_keep_ids_without_a_patient_id_names_the_study_by_its_folder(tmp_path):
+    folder = tmp_path / "s07"
+    _siemens(folder)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.PatientID
+        ds.save_as(f)
+    assert read_dicom_study(folder, keep_ids=True).name == "s07"
+
+
+@pytest.mark.filterwarnings("ignore:Expected implicit VR:UserWarning")  # pydicom probing the notes
+def test_is_dicom_folder_needs_a_folder_and_probes_the_first_50_files(tmp_path):
+    """Files without the DICM preamble are recognised by their header, in the first 50 files only."""
+    _tiny(tmp_path / "a", "dixon", ["DERIVED", "PRIMARY", "DIXON", "WATER"], 1, no_preamble=True)
+    (f,) = (tmp_path / "a").iterdir()
+    assert is_dicom_folder(tmp_path / "a")
+    assert not is_dicom_folder(f) and not is_dicom_folder(tmp_path / "missing")
+    f.rename(tmp_path / "a" / "z_image")
+    for n in range(50):
+        (tmp_path / "a" / f"note{n:02d}.txt").write_text("not DICOM\n")
+    assert not is_dicom_folder(tmp_path / "a")
+    (tmp_path / "a" / "note00.txt").unlink()
+    assert is_dicom_folder(tmp_path / "a")
+
+
+def _object(path, meta_sop=None, preamble=True, **attrs):
+    """A DICOM file written as given: file meta with ``meta_sop`` (if any), the preamble or not, ``attrs``."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if meta_sop:
+        meta.MediaStorageSOPClassUID = meta_sop
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128 if preamble else None)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+TRUNCATED = "truncated DICOM image (no pixel data element)"
+NO_SOP = "truncated or unreadable DICOM file (no SOP Class UID)"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on files without a preamble or file meta
+@pytest.mark.parametrize("meta_sop,attrs,expected", [
+    (pydicom.uid.MediaStorageDirectoryStorage, {"PatientID": "x"}, "read"),  # a non-image object: kept, no error
+    (MRImageStorage, {"PatientID": "x"}, NO_SOP),  # the file meta says image, the data set lost its SOP class
+    (None, {"SOPClassUID": MRImageStorage}, TRUNCATED),  # an image by its SOP class
+    ("1.2.3.4.5", {"SOPClassUID": "1.2.3.4.5", "Rows": 2}, TRUNCATED),  # an image by its Rows
+    (MRImageStorage, {"SOPClassUID": "1.2.3.4.5"}, TRUNCATED),  # an image by its file meta
+    (MRImageStorage, {"SOPClassUID": MRImageStorage, "Rows": 1, "Columns": 1, "FloatPixelData": b"\0" * 4}, "read"),
+    (MRImageStorage, {"SOPClassUID": MRImageStorage, "Rows": 1, "Columns": 1, "DoubleFloatPixelData": b"\0" * 8},
+     "read"),
+    ("no preamble", {"Rows": 2, "Columns": 2}, None),  # without preamble only an image with a SOP class counts
+])
+def test_read_header_kinds_of_broken_and_non_image_files(tmp_path, meta_sop, attrs, expected):
+    from legcomp.io.dicom import _read_header
+
+    p = _object(tmp_path / "f", None if meta_sop == "no preamble" else meta_sop, meta_sop != "no preamble", **attrs)
+    if expected in (TRUNCATED, NO_SOP):
+        with pytest.raises(LegcompInputError) as info:
+            _read_header(p)
+        assert str(info.value) == f"{p}: {expected}" and info.value.path == p
+    else:
+        assert (_read_header(p) is not None) == (expected == "read")
+
+
+def test_read_header_unparsable_file_with_preamble_is_an_error(tmp_path):
+    """A file with the DICM preamble that pydicom cannot parse is reported; one without it is no DICOM."""
+    import struct
+
+    from legcomp.io.dicom import _has_preamble, _read_header
+
+    p = _object(tmp_path / "bad")  # then a sequence whose item has no item tag
+    p.write_bytes(p.read_bytes() + struct.pack("<HH2sHIHHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF, 0x1234, 0x5678, 4)
+                  + b"abcd")
+    with pytest.raises(LegcompInputError) as info:
+        _read_header(p)
+    assert str(info.value).startswith(f"{p}: unreadable DICOM file (OSError: ") and info.value.path == p
+    q = tmp_path / "bad.txt"
+    q.write_bytes(p.read_bytes()[132:])
+    assert _read_header(q) is None
+    assert _has_preamble(p) and not _has_preamble(q) and not _has_preamble(tmp_path) \
+        and not _has_preamble(tmp_path / "missing")  # what cannot be opened has none
+
+
+def test_hidden_files_and_dicomdir_are_not_read(tmp_path):
+    """Hidden files and a file named DICOMDIR are skipped (by the reader, the folder test and the contrasts)."""
+    from legcomp.io.dicom import folder_contrasts
+
+    _siemens(tmp_path / "src")
+    water, fat = (sorted((tmp_path / "src").glob(f"IM{n:02d}_*"))[0] for n in (0, 1))
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / ".IM_fat").write_bytes(fat.read_bytes())
+    (d / "DICOMDIR").write_bytes(fat.read_bytes())
+    assert not is_dicom_folder(d) and folder_contrasts(d) is None
+    assert str(_err_dicom(d)) == f"{d}: no DICOM files found"
+    (d / "a_sub").mkdir()
+    (d / "water.dcm").write_bytes(water.read_bytes())
+    assert folder_contrasts(d) == {"water"}
+
+
+def test_file_contrasts_philips_legacy_frame_type_and_protocol_hint():
+    """Per-frame Philips legacy (2005,140F) ImageType adds to the frame type; a Dixon hint in ProtocolName alone
+    makes a weak description word count; an empty NumberOfFrames is one frame."""
+    from legcomp.io.dicom import _images, file_contrasts
+
+    def frame(frame_type=None, legacy=None):
+        it = Dataset()
+        if frame_type:
+            it.MRImageFrameTypeSequence = [Dataset()]
+            it.MRImageFrameTypeSequence[0].FrameType = frame_type
+        if legacy:
+            inner = Dataset()
+            inner.ImageType = legacy
+            it.add_new((0x2005, 0x140F), "SQ", [inner])
+        return it
+
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4, 4, 2
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"]
+    ds.PerFrameFunctionalGroupsSequence = [frame(legacy=["ORIGINAL", "PRIMARY", "W", "W"]),
+                                           frame(["ORIGINAL", "PRIMARY", "F", "F"], ["ORIGINAL", "PRIMARY", "M_FFE"])]
+    assert file_contrasts(ds) == {"water", "fat"}
+    classic = _header(ImageType=["ORIGINAL", "PRIMARY", "M", "ND"], SeriesDescription="t1_vibe_tra_F",
+                      ProtocolName="t1_vibe_dixon_tra")
+    assert file_contrasts(classic) == {"fat"}
+    classic.NumberOfFrames = ""
+    assert [im.frame for im in _images(Path("f"), classic)] == [None]
+
+
+def test_folder_contrasts_count_a_broken_file_as_dicom_without_contrast(tmp_path):
+    import struct
+
+    from legcomp.io.dicom import folder_contrasts
+
+    d = tmp_path / "d"
+    d.mkdir()
+    broken = _object(d / "b_broken")  # the DICM preamble, then a sequence item without its item tag
+    broken.write_bytes(broken.read_bytes() + struct.pack("<HH2sHIHHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF, 0x1234,
+                                                         0x5678, 4) + b"abcd")
+    assert folder_contrasts(d) == frozenset()
+    _siemens(tmp_path / "src")
+    for n, name in ((0, "a_water"), (1, "c_fat")):
+        (d / name).write_bytes(sorted((tmp_path / "src").glob(f"IM{n:02d}_*"))[0].read_bytes())
+    assert folder_contrasts(d) == {"water", "fat"}
+
+
+def test_find_studies_stray_series_folders_beside_a_study(tmp_path):
+    """Series folders beside a study are each listed (they fail when read); a root holding only a series folder
+    that is no study is itself listed."""
+    from legcomp.io import find_studies
+
+    root = tmp_path / "cohort"
+    _siemens(root / "P1")
+    for n in (1, 2):
+        _tiny(root / f"s{n}", "localizer", ["ORIGINAL", "PRIMARY", "LOCALIZER"], n)
+    assert find_studies(root) == [root / "P1", root / "s1", root / "s2"]
+    assert find_studies(root / "s1") == [root / "s1"]
+    other = tmp_path / "other"
+    _tiny(other / "loc", "localizer", ["ORIGINAL", "PRIMARY", "LOCALIZER"], 1)
+    assert find_studies(other) == [other]

@@ -359,6 +359,86 @@ def test_check_output_folder_messages(tmp_path):
         assert str(_err(check_output_folder, ro / "out")) == f"{ro}: the output folder is not writable"
 
 
+def test_check_output_folder_not_writable_even_as_root(tmp_path, monkeypatch):
+    """A folder that may be entered but not written to (as root too: os.access says so, not the mode bits)."""
+    import os
+
+    from legcomp.io import atomic
+
+    real = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode, **kw: not mode & os.W_OK and real(p, mode, **kw))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    e = _err(atomic.check_output_folder, ro / "out")
+    assert str(e) == f"{ro}: the output folder is not writable" and e.path == ro
+
+
+def test_load_nifti_messages_and_dtypes(tmp_path, monkeypatch):
+    """Messages name the file; float32 data stay float32, other types are read as float64."""
+    from legcomp.io import nifti
+    from legcomp.io.nifti import load_nifti
+
+    p = tmp_path / "x.nii.gz"
+    e = _err(load_nifti, p)
+    assert str(e) == f"{p}: file not found" and e.path == p
+    nib.save(nib.Nifti1Image(_img(0, (4, 4, 2)), AFFINE), str(p))
+    data, aff = load_nifti(p)
+    assert data.dtype == np.float32 and aff.dtype == np.float64
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.int16), AFFINE), str(p))
+    assert load_nifti(p)[0].dtype == np.float64
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.complex64), AFFINE), str(p))
+    e = _err(load_nifti, p)
+    assert str(e) == f"{p}: unsupported voxel type complex64 (expected a real-valued scalar image)" and e.path == p
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.float32), np.diag([100.0, 1.0, 1.0, 1.0])), str(p))
+    e = _err(load_nifti, p)
+    assert str(e).startswith(f"{p}: voxel size 100x1x1 mm lies outside") and e.path == p
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.float32), AFFINE), str(p))
+    for where in ("data", "header"):  # failing while the data are read, or while the header is
+        for exc, msg in ((RuntimeError("first line\nsecond"), "first line"), (RuntimeError(), "RuntimeError")):
+            def fail(*args, exc=exc, **kw):
+                raise exc
+
+            with monkeypatch.context() as m:
+                m.setattr(*((nib.Nifti1Image, "get_fdata") if where == "data" else (nifti.nib, "load")), fail)
+                e = _err(load_nifti, p)
+            assert str(e) == f"{p}: cannot read NIfTI ({msg})" and e.path == p
+
+
+def test_read_nifti_study_names_labels_and_messages(tmp_path):
+    """The seed's <subject>/Thigh layout names the study <subject>_thigh; label maps are read by default; a
+    missing contrast lists what was found."""
+    from legcomp.io.nifti import _subject_name, read_nifti_study
+
+    assert _subject_name(tmp_path / "S01" / "Thigh") == "S01_thigh"
+    assert _subject_name(tmp_path / "S01" / "CALF") == "S01_calf"
+    d = tmp_path / "S02" / "Thigh"
+    _write(d, ["water.nii.gz", "fat.nii.gz"], shape=(4, 4, 2))
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.uint8), AFFINE), str(d / "S02_THIGH_WHOLEMUSCLE_SAT_mask.nii.gz"))
+    s = read_nifti_study(d)
+    assert s.name == "S02_thigh" and set(s.labels) == {"stage1"}
+    for names, found in ((["water.nii.gz", "in_phase.nii.gz"], "fat image found (found: in_phase, water"),
+                         (["notes.nii.gz"], "water image found (found: no recognised Dixon images")):
+        e = tmp_path / f"e{len(names)}"
+        _write(e, names, shape=(4, 4, 2))
+        assert str(_err(read_nifti_study, e)) == f"{e}: no {found})"
+
+
+def test_find_studies_lists_half_and_broken_studies_but_not_hidden_ones(tmp_path):
+    """A folder with water or fat only, or with two files for one contrast, is listed (it fails when read); a
+    hidden folder is not; a file given as the root is itself the study; nothing is missing."""
+    from legcomp.io.nifti import region_from_path
+
+    root = tmp_path / "cohort"
+    _write(root / "w_only", ["water.nii.gz"], shape=(4, 4, 2))
+    _write(root / "f_only", ["fat.nii.gz"], shape=(4, 4, 2))
+    _write(root / "twice", ["water.nii.gz", "fat.nii.gz", "F.nii.gz"], shape=(4, 4, 2))
+    _write(root / ".hidden", ["water.nii.gz", "fat.nii.gz"], shape=(4, 4, 2))
+    assert find_studies(root) == [root / "f_only", root / "twice", root / "w_only"]
+    assert find_studies(root / "w_only" / "water.nii.gz") == [root / "w_only" / "water.nii.gz"]
+    assert find_studies(root / "missing") == []
+    assert region_from_path(root / "w_only") == "unknown"
+
+
 def test_staged_output_moves_removes_stale_and_cleans_up(tmp_path):
     from legcomp.io.atomic import TMP_PREFIX, staged_output
 
