@@ -168,6 +168,51 @@ def test_quantify_leaves_hip_out_by_default_and_keeps_it_on_request(flip_z):
     assert abs(left - right) < 0.1 * (left + right) / 2
 
 
+@pytest.mark.parametrize("n_hip", [1, 2])
+def test_structure_cut_only_next_to_the_left_out_hip_is_incomplete(n_hip):
+    """Thin legs on slices 0-4; slice 5 below the hip: the left leg thin, the right one full; n_hip joined
+    (hip) slices; above them one slice of the full left leg alone (leg level, in the volumes); empty above.
+    Each leg is cut only on a slice next to the left-out hip: below it (right), above it (left)."""
+    from legcomp.quantification import quantify
+    shape = (90, 40, 12)
+    x, y = np.mgrid[:shape[0], :shape[1]]
+
+    def d(cx, r):
+        return ((x - cx) ** 2 + (y - 20) ** 2) < r * r
+
+    fg = np.zeros(shape, bool)
+    fg[..., :5] = (d(24, 4) | d(60, 4))[..., None]
+    fg[..., 5] = d(24, 5) | d(60, 12)
+    for z in range(6, 6 + n_hip):
+        fg[..., z] = d(24, 12) | d(60, 12)
+        fg[24:61, 10:31, z] = True
+    fg[..., 6 + n_hip] = d(24, 12)
+    aff = affine(shape)
+    q = quantify(study_of(fg, aff), stage1_of(fg), None, region="thigh")
+    assert q.meta["hip"]["slices"] == list(range(6, 6 + n_hip)) and q.meta["hip"]["in_volumes"] is False
+    assert [c["coverage"] for c in q.meta["slice_coverage"]][5:8 + n_hip] == \
+        ["apart"] + ["joined"] * n_hip + ["one_leg", "empty"]
+    assert [q.value("whole_muscle", "incomplete", leg) for leg in ("left", "right", "total")] == [1.0, 1.0, 1.0]
+    kept = quantify(study_of(fg, aff), stage1_of(fg), None, region="thigh", keep_hip=True)
+    assert [kept.value("whole_muscle", "incomplete", leg) for leg in ("left", "right", "total")] == [0.0, 0.0, 0.0]
+
+
+def test_unassigned_leg_voxels_counted_in_the_volumes_only():
+    """A given leg map that leaves the (left-out) hip slices and one SAT voxel of slice 0 unassigned: the flag
+    counts that voxel alone."""
+    from legcomp.quantification import quantify
+    fg = body()
+    st = study_of(fg, affine())
+    s1 = stage1_of(fg)
+    legs = leg_map(fg, affine())
+    legs[..., JOINED.start:] = 0
+    legs[tuple(np.argwhere(s1[..., 0] == anatomy.SAT.id)[0]) + (0,)] = 0
+    q = quantify(st, s1, None, region="thigh", legs=legs)
+    assert q.meta["hip"]["in_volumes"] is False
+    assert q.meta["flags"]["unassigned_leg_ml"] == pytest.approx(st.voxel_volume_ml)
+    assert "unassigned_leg_ml" not in quantify(st, s1, None, region="thigh").meta["flags"]
+
+
 def test_calf_and_separate_legs_lose_nothing():
     from legcomp.quantification import quantify
     fg = body()

@@ -71,10 +71,55 @@ def test_slices_with_one_leg_missing_and_converging_legs():
     assert (legs[a] == LEFT).all() and (legs[b] == RIGHT).all()
 
 
-@pytest.mark.parametrize("cx, expected", [(60, RIGHT), (20, LEFT)])
-def test_single_leg_named_by_world_x(cx, expected):
-    legs = leg_map(disc(cx, 20, 12), centred_affine())
+@pytest.mark.parametrize("cx, sx, expected", [(60, 1.5, RIGHT), (20, 1.5, LEFT), (40.5, 1.0, RIGHT), (39.5, 1.0, LEFT)])
+def test_single_leg_named_by_world_x(cx, sx, expected):
+    legs = leg_map(disc(cx, 20, 12), centred_affine(spacing=(sx, sx, 5.0)))  # 40.5, 1 mm: world x 0.5 mm
     assert set(np.unique(legs)) == {expected}
+
+
+@pytest.mark.parametrize("notch", [38, 39, 40])
+def test_touching_legs_split_at_the_smoothed_valley(notch):
+    """A bridge 2 voxels deep joins the legs (x 36-48), one voxel shallower at x = notch: the split lies at the
+    valley of the x-profile smoothed by 1 voxel (ties within 1 % broken towards the global split), which puts
+    the notch column on the left: not at the raw profile's minimum."""
+    from legcomp.preprocessing.legs import split_legs
+
+    fg = disc(24, 20, 12) | disc(60, 20, 12)
+    fg[36:49, 19:21] = True
+    fg[notch, 19] = False
+    s = split_legs(fg, centred_affine())
+    assert set(s.coverage) == {"touching"}
+    np.testing.assert_array_equal(s.midline_x, np.full(SHAPE[2], notch + 0.5))
+    assert (s.legs[notch, 20] == LEFT).all() and (s.legs[notch + 1, 20] == RIGHT).all()
+
+
+def test_a_valley_moved_on_three_slices_is_followed():
+    """Touching legs, the shallowest point of the bridge at x 40 on slices 0-8 and x 38 on 9-11: the per-slice
+    splits (41, then 39) are median-filtered over 5 slices, which keeps a run of three."""
+    from legcomp.preprocessing.legs import split_legs
+
+    fg = disc(24, 20, 12) | disc(60, 20, 12)
+    fg[36:49, 19:21] = True
+    fg[40, 19, :9] = False
+    fg[38, 19, 9:] = False
+    s = split_legs(fg, centred_affine())
+    first_right = [int(np.argmax(s.legs[:, 20, z] == RIGHT)) for z in range(SHAPE[2])]
+    assert first_right == [41] * 9 + [39] * 3
+
+
+def test_legs_never_on_one_slice_midline_at_the_global_split():
+    """Left leg on slices 0-5, right leg on 6-11: no slice shows both, so no gap centre is measured and the
+    midline is the global split between the legs (voxels x < split on one side) less half a voxel."""
+    from legcomp.preprocessing.legs import find_leg_split, split_legs
+
+    fg = disc(20, 20, 10, z=range(6)) | disc(60, 20, 10, z=range(6, 12))
+    s = split_legs(fg, centred_affine())
+    assert s.coverage == ("one_leg",) * 12
+    prof = np.where(fg.any(axis=1), fg.shape[1] - np.argmax(fg[:, ::-1], axis=1) - np.argmax(fg, axis=1), 0).sum(1)
+    split = find_leg_split(prof, 2.0, 0.75)
+    assert 30 < split < 50
+    np.testing.assert_array_equal(s.midline_x, np.full(12, split - 0.5))
+    assert (s.legs[fg & (np.arange(80) < 40)[:, None, None]] == LEFT).all()
 
 
 def test_non_diagonal_input_affine_named_in_world_coordinates():
@@ -180,6 +225,7 @@ def test_find_leg_split_valley_depth_and_mass_limits():
     assert find_leg_split(np.array([4, 4, 4, 4], float), 0) is None  # no valley
     assert find_leg_split(np.array([4, 0], float), 0) is None and find_leg_split(np.zeros(5), 0) is None
     assert find_leg_split(np.array([2, 0, 2], float), 0) == 1  # the smallest profile with a valley
+    assert find_leg_split(np.array([0, 4, 1, 4], float), 0) == 2  # the left hump is the voxel just before
     # either side must hold at least min_fraction of the mass (inclusive)
     lop = np.array([1, 0, 9], float)  # left side holds 0.1
     assert find_leg_split(lop, 0) == 1 and find_leg_split(lop, 0, min_fraction=0.11) is None
@@ -254,6 +300,9 @@ def test_coverage_report_rows():
     assert rows[1]["in_volumes"] is False and rows[0]["in_volumes"] is True
     one = split_legs(disc(60, 20, 10), aff)
     assert all(r["midline_x_mm"] is None for r in coverage_report(one, aff, None))
+    tilted = aff.copy()
+    tilted[2, 1] = 0.5  # slices tilted: world z of a slice centre depends on y
+    assert coverage_report(split, tilted, "thigh")[1]["z_mm"] == round(float((tilted @ [39.5, 19.5, 1, 1])[2]), 1)
 
 
 def test_bounding_box_shape_check_and_margins_per_axis():
@@ -289,6 +338,25 @@ def test_legs_joined_on_every_slice_measured_on_the_largest_component():
     np.testing.assert_allclose(s.midline_x, [33.5] * 3)
     assert set(np.unique(s.legs[10:34, 5:35])) == {LEFT} and set(np.unique(s.legs[34:58, 5:35])) == {RIGHT}
     assert split_legs(fg, aff, joined_aspect=1.61).coverage == ("one_leg",) * 3
+
+
+def test_legs_joined_on_every_slice_follow_a_moving_midline():
+    """The joined cross-section moves 2 voxels along x per slice (slices 0-7, empty above): split at each
+    slice's own centre; above the body the midline is extrapolated but held within max_drift_mm (20 mm =
+    13.3 voxels of 1.5 mm) of slice 7's."""
+    from legcomp.preprocessing.legs import split_legs
+
+    fg = np.zeros((90, 30, 16), bool)
+    for z in range(8):
+        fg[10 + 2 * z:60 + 2 * z, 5:25, z] = True  # 50 x 20 voxels: centre 34.5 + 2 z
+    s = split_legs(fg, centred_affine(shape=fg.shape))
+    assert s.coverage == ("joined",) * 8 + ("empty",) * 8
+    z = np.arange(16)
+    np.testing.assert_allclose(s.midline_x, np.minimum(34.5 + 2 * z, 48.5 + 20 / 1.5))
+    for k in (0, 7):
+        split = int(np.ceil(34.5 + 2 * k))
+        assert set(np.unique(s.legs[:split, :, k][fg[:split, :, k]])) == {LEFT}
+        assert set(np.unique(s.legs[split:, :, k][fg[split:, :, k]])) == {RIGHT}
 
 
 def test_side_from_muscles_sign_with_no_minimum_distance():

@@ -611,6 +611,7 @@ def test_fat_rule_parsing_boundaries_and_messages():
     for rule, msg in (("otsu", "unknown fat rule 'otsu'; expected seed, ff:T, sat:T or abs:V"),
                       ("ff", "unknown fat rule 'ff'; expected seed, ff:T, sat:T or abs:V"),
                       ("ff:x", "fat rule 'ff:x': 'x' is not a number"),
+                      ("ff:0.5:1", "fat rule 'ff:0.5:1': '0.5:1' is not a number"),  # split at the first colon
                       ("abs:inf", "fat rule 'abs:inf': threshold must be finite"),
                       ("ff:nan", "fat rule 'ff:nan': threshold must be finite"),
                       ("ff:1.01", "fat rule 'ff:1.01': fat-fraction threshold must lie in 0-1"),
@@ -705,6 +706,9 @@ def test_meta_records_the_inputs(q, study):
     r = quantify(study, study.labels["stage1"], None, legs=legs)
     assert r.meta["flags"]["legs_present"] == ["right"] and r.meta["flags"]["single_leg"] is True
     assert one.any()
+    legs[tuple(np.argwhere(study.labels["stage1"] > 0)[0])] = 1  # a left leg of one voxel is a leg
+    r = quantify(study, study.labels["stage1"], None, legs=legs)
+    assert r.meta["flags"]["legs_present"] == ["left", "right"] and r.meta["flags"]["single_leg"] is False
 
 
 def test_confidence_measure_is_the_mean_probability(study):
@@ -841,8 +845,10 @@ def test_quantify_details_sat_rule_single_voxels_measures_and_inputs(tmp_path, s
     assert r.value("rectus_femoris", "mean_fat_fraction") == pytest.approx(float(ff))
     assert r.value("rectus_femoris", "confidence") == pytest.approx(0.3)
     # a structure cut by the field of view in the left leg only is flagged (its total is cut)
-    legs = np.where(np.arange(study.shape[0])[:, None, None] < 15, 1, 2) * np.ones(study.shape, np.uint8)
-    cut_left = quantify(study, s1, s2, legs=legs)
+    legs = np.where(np.arange(study.shape[0])[:, None, None] < 15, 2, 1) * np.ones(study.shape, np.uint8)
+    cut_left = quantify(study, s1, s2, legs=legs)  # left: the leg on every slice; right: slices 2-5 only
+    assert [cut_left.value("whole_muscle", "incomplete", leg) for leg in ("left", "right")] == [1.0, 0.0]
+    assert "whole_muscle" in cut_left.meta["flags"]["incomplete"]
     for name in cut_left.meta["flags"]["incomplete"]:
         assert cut_left.value(name, "incomplete", "total") == 1
     assert sorted(n for n in set(cut_left.table.structure) if cut_left.value(n, "incomplete", "total") == 1) == \
@@ -855,6 +861,10 @@ def test_quantify_details_sat_rule_single_voxels_measures_and_inputs(tmp_path, s
     m = tmp_path / "m.json"
     m.write_text(json.dumps({"stage": 2, "map": {str(RF): "vastus_lateralis", str(VL): "rectus_femoris"}}))
     res = quantify_files(sdir, None, sdir / "stage2.nii.gz", None, region="thigh", mapping=m)
+    assert res.value("vastus_lateralis", "volume_ml") == pytest.approx(6 * 14 * 12 * VOX_ML)
+    # ... or, with none given, the study's own (from its folder name)
+    res = quantify_files(sdir, None, sdir / "stage2.nii.gz", None, mapping=m)
+    assert res.meta["region"] == "thigh"
     assert res.value("vastus_lateralis", "volume_ml") == pytest.approx(6 * 14 * 12 * VOX_ML)
 
 

@@ -253,6 +253,44 @@ def test_swap_rule_helpers_at_their_thresholds():
     assert sec.min() >= 0 and sec.max() < 12 and len(np.unique(sec)) >= 8
 
 
+def test_unit_box_largest_judge_unit_and_partial_chains():
+    from legcomp.preprocessing import swap as S
+
+    m = np.zeros((20, 20), bool)
+    m[5, 7] = True
+    assert S._box(m, 2) == (slice(3, 8), slice(5, 10)) and S._box(m, 6) == (slice(0, 12), slice(1, 14))
+    two = np.zeros((20, 20), bool)
+    two[0:2, 0:2] = True  # labelled first, but smaller
+    two[10:15, 10:15] = True
+    np.testing.assert_array_equal(S._largest(two), np.pad(np.ones((5, 5), bool), ((10, 5), (10, 5))))
+    # one leg slice (1 mm pixels): fat over water; area in cm^2 to 0.1, the fractions and score to 3 decimals
+    ii, jj = np.indices((70, 70))
+    r = np.hypot(ii - 35, jj - 35)
+    leg = r < 30
+    w = np.where(leg, np.where(r > 24, 12.34, 88.77), 0.0)
+    f = np.where(leg, np.where(r > 24, 87.66, 11.23), 0.0)
+    u = S.judge_unit(w, f, leg, (1.0, 1.0), z=4)
+    assert (u.z, u.leg, u.area_cm2, u.ff_surface, u.ff_inner, u.score, u.verdict) == (4, "", 28.1, 0.877, 0.112, 1.141, "ok")
+    # marrow: the bone's voxels brighter than half the leg's median W+F (150 > 55; not 1.5 x), not the dark cortex
+    from scipy import ndimage
+    ii, jj = np.indices((80, 80))
+    rb = np.hypot(ii - 40, jj - 40)
+    bleg = rb < 35
+    bw, bf = np.where(bleg, 100.0, 0.0), np.where(bleg, 10.0, 0.0)
+    bw[(rb >= 6) & (rb < 10)] = bf[(rb >= 6) & (rb < 10)] = 1.0  # cortex: 196 voxels
+    bw[rb < 6], bf[rb < 6] = 15.0, 135.0  # marrow: 109 voxels, FF 0.9
+    assert S._marrow_ff(bw, bf, bleg, ndimage.distance_transform_edt(bleg), (1.0, 1.0)) == pytest.approx(0.9)
+    # partly swapped units in consecutive slices: a chain when their arcs overlap within one sector, not two
+
+    def chain(step, order=(0, 1, 2)):
+        arcs = [{(8 + k - step * z) % 12 for k in range(3)} for z in range(3)]
+        return [u.verdict for u in S._confirm_partial(
+            [_unit(z, "left", "partial", 0.5, [-1 if k in arcs[z] else 1 for k in range(12)]) for z in order])]
+
+    assert chain(0) == chain(3) == ["partial"] * 3 and chain(4) == ["ok"] * 3  # step 4: sector 7 between
+    assert chain(0, order=(2, 1, 0)) == ["partial"] * 3  # units in any order
+
+
 def test_summarise_verdicts_and_the_report():
     from legcomp.preprocessing.swap import SwapReport, summarise
 
@@ -304,6 +342,14 @@ def test_not_dixon_reasons():
     assert not_dixon_reason(w, np.round(rng.random(w.shape) * 70)) == ""
     phase = w - 120
     assert not_dixon_reason(w, phase) == "the fat image holds many negative values (a phase image?)"
+    # negatives reaching 5 % of the maximum are enough (here min -50, max 50)
+    assert not_dixon_reason(w, w - 100) == "the fat image holds many negative values (a phase image?)"
+    bright = w.copy()
+    bright[0, 0, 0] = 1e6  # the same image within 1e-6 x the brightest voxel (1.0)
+    assert not_dixon_reason(bright, bright + 0.5) == "water and fat are the same image"
+    hundred = np.zeros((10, 10, 2))
+    hundred[..., 0] = 5.5  # exactly 100 body voxels are judged
+    assert not_dixon_reason(hundred, hundred.copy()) == "water and fat are the same image"
     assert not_dixon_reason(w, w.copy()) == "water and fat are the same image"
     assert not_dixon_reason(w, 3 * w + 1) == "water and fat are proportional (the same image scaled)"
     assert not_dixon_reason(w, w * 0.01 * rng.random(w.shape)) == "the fat image holds almost no signal in the body"
@@ -322,6 +368,12 @@ def test_body_helpers():
     assert background_level(a) == float(np.median(np.concatenate([a[:2].ravel(), a[-2:].ravel(), a[:, :2].ravel(),
                                                                   a[:, -2:].ravel()])))
     assert background_level(np.ones((3, 3, 1))) == 1.0  # at least one voxel each side
+    narrow = np.ones((20, 3, 1))
+    narrow[:, 1], narrow[[0, -1]] = 100.0, 100.0  # 3 voxels in y: one column each side, not the middle one
+    assert background_level(narrow) == 1.0
+    strip = np.zeros((40, 40, 1))
+    strip[10:13, 5:35] = 100.0  # 3 voxels wide: kept by the 3 x 3 opening
+    assert body_mask(strip).sum() == 90
     m = body_mask(a)
     assert m[10:30, 10:30].all() and m.sum() == 2 * 400
     ring = a.copy()
@@ -354,6 +406,10 @@ def test_body_helpers():
     assert len(areas) == 0 and not lab.any()
     lab, areas = find_bones(np.where(leg, 100.0, 0), np.where(leg, 10.0, 0), leg, edt, (1.0, 1.0))
     assert len(areas) == 0 and not lab.any()
+    wf, ff = w.copy(), f.copy()
+    wf[20:28, 30:50], ff[20:28, 30:50] = 10.0, 100.0  # fat-replaced tissue is as bright as muscle: no bone
+    lab, areas = find_bones(wf, ff, leg, edt, (1.0, 1.0))
+    assert len(areas) == 1 and lab[40, 40] == 1 and lab[24, 40] == 0
 
 
 def test_swap_region_on_the_input_grid_and_fix_swap_types():
@@ -366,6 +422,9 @@ def test_swap_region_on_the_input_grid_and_fix_swap_types():
     expect = np.zeros((7, 5, 2), bool)
     expect[4:7, :, 0] = True
     np.testing.assert_array_equal(region, expect)
+    # a work grid wider in y than in x: each axis padded to its own size
+    rep_t = SwapReport("partial", units=rep.units, legs=legs.transpose(1, 0, 2).copy(), work_factor=2)
+    np.testing.assert_array_equal(swap_region(rep_t, (5, 7, 2)), expect.transpose(1, 0, 2))
     assert swap_region(SwapReport("whole"), (2, 2, 1)).all()
     assert not swap_region(SwapReport("none", legs=legs, units=rep.units), (7, 5, 2)).any()
     assert not swap_region(SwapReport("partial", units=rep.units), (7, 5, 2)).any()  # no leg map
