@@ -743,6 +743,7 @@ class _Run:
     n_steps: int = 0
     first_step_s: float | None = None
     epoch_s: list[float] = field(default_factory=list)  # rank 0: seconds per epoch
+    draws_run: list[int] = field(default_factory=list)  # this run's patch draws per source, summed over ranks
 
     @property
     def rows(self) -> list[dict]:
@@ -1008,6 +1009,7 @@ def _run_epochs(run: _Run) -> None:
         last = epoch == o.epochs - 1
         over_time = bool(o.time_limit_min) and run.elapsed() >= 60.0 * o.time_limit_min
         stop = torch.zeros(1)
+        run.draws_run = _run_draws(run)  # every rank (a collective when distributed), for the checkpoint
         if env.is_main and _end_epoch(run, epoch, row, t_ep, wait, last, over_time, monitor):
             stop[0] = 1
         if env.distributed:
@@ -1150,7 +1152,9 @@ def _keep_candidates(run: _Run, epoch: int, sc: _Scores, monitor: str | None) ->
 
 def _write_checkpoint(run: _Run, epoch: int) -> None:
     """Write ``<stem>.checkpoint.pt`` (atomically): model, optimizer, RNG states, progress after ``epoch``."""
-    state = {**run.st, "epoch": epoch, "elapsed_s": run.elapsed(), "rows": run.rows}
+    # the draws so far: earlier runs' (restored on resume) and this run's
+    draws = [int(a) + int(b) for a, b in zip(run.st["draws"], run.draws_run or [0] * len(run.st["draws"]))]
+    state = {**run.st, "epoch": epoch, "elapsed_s": run.elapsed(), "rows": run.rows, "draws": draws}
     path = run.env.paths["checkpoint"]
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
@@ -1181,8 +1185,8 @@ def _log_epoch(run: _Run, epoch: int, row: dict[str, Any], sc: _Scores, t_ep: fl
 
 # --------------------------------------------------------------------------- train: end
 
-def _finish(run: _Run) -> dict[str, Any]:
-    """Sum the draws over ranks; rank 0 writes curve, final provenance and summary; the summary."""
+def _run_draws(run: _Run) -> list[int]:
+    """This run's patch draws per source so far, summed over ranks (all ranks must call it)."""
     env = run.env
     draws = torch.tensor(run.feed.sampler.counts, dtype=torch.int64)
     if env.distributed:
@@ -1191,7 +1195,13 @@ def _finish(run: _Run) -> dict[str, Any]:
         d = draws.to(env.dev) if env.dev.type == "cuda" else draws
         dist.all_reduce(d)
         draws = d.cpu()
-    run.st["draws"] = [int(a) + int(b) for a, b in zip(run.st["draws"], draws.tolist())]
+    return [int(v) for v in draws.tolist()]
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Sum the draws over ranks; rank 0 writes curve, final provenance and summary; the summary."""
+    env = run.env
+    run.st["draws"] = [int(a) + int(b) for a, b in zip(run.st["draws"], _run_draws(run))]
     for info, n in zip(run.data.source_info, run.st["draws"]):
         info["draws"] = n
     summary = _summary(run)
