@@ -321,3 +321,277 @@ def test_time_limit_stops_and_anneals(tmp_path):
     assert s["stop_reason"] == "time limit" and s["epochs_run"] == 1
     rows = list(csv.DictReader(open(tmp_path / "m" / "thigh_stage1.metrics.csv")))
     assert float(rows[0]["lr"]) < 1e-3  # decayed by the time used, not by epochs
+
+
+# --------------------------------------------------------------------------- loop helpers, exactly
+
+def test_seed_all_seeds_every_generator_and_rng_state_round_trips():
+    import random
+
+    import legcomp.training.loop as loop
+
+    seed = 2**32 + 7  # numpy takes the seed modulo 2**32
+    loop._seed_all(seed)
+    got = (random.random(), float(np.random.random()), float(torch.rand(1)))
+    assert got[0] == random.Random(seed).random()
+    assert got[1] == float(np.random.RandomState(7).random_sample())
+    assert got[2] == float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
+    st = loop._rng_state()
+    assert st["numpy_keys"].dtype == torch.int64 and st["numpy_pos"] == np.random.get_state()[2]
+    assert set(st) - {"cuda"} == {"torch", "numpy_keys", "numpy_pos", "python"}
+    want = (random.random(), np.random.standard_normal(), float(np.random.random()), float(torch.rand(1)))
+    random.random(), np.random.standard_normal(), torch.rand(3)  # move every generator on
+    loop._set_rng_state(st)
+    assert (random.random(), np.random.standard_normal(), float(np.random.random()), float(torch.rand(1))) == want
+
+
+def _png_size(path):
+    head = open(path, "rb").read(24)
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_write_curve_png_size(tmp_path):
+    import legcomp.training.loop as loop
+
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_mean_dsc": 0.5, "valset_mean_dsc": ""},
+            {"epoch": 2, "train_loss": 0.5, "val_mean_dsc": 0.7, "valset_mean_dsc": 0.6}]
+    loop._write_curve(rows, tmp_path / "x.curve.png")
+    assert _png_size(tmp_path / "x.curve.png") == (600, 350)  # 6 x 3.5 in at 100 dpi
+
+
+def test_mean_dsc_rounds_and_handles_missing_values():
+    import warnings
+
+    import legcomp.training.loop as loop
+
+    names = anatomy.stage_labels(1, "thigh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" warnings
+        dsc, mean = loop._mean_dsc(np.array([[0.123456, np.nan], [0.2, np.nan]]), names)
+        assert dsc == {"subcutaneous_fat": 0.1617, "whole_muscle": None} and mean == pytest.approx(0.161728)
+        assert loop._mean_dsc(np.array([[np.nan, np.nan]]), names) == ({"subcutaneous_fat": None,
+                                                                       "whole_muscle": None}, 0.0)
+        for empty in ([], np.zeros((0, 2))):
+            assert loop._mean_dsc(empty, names) == ({"subcutaneous_fat": None, "whole_muscle": None}, 0.0)
+
+
+def test_append_case_rows_exact_csv(tmp_path):
+    import legcomp.training.loop as loop
+
+    names = anatomy.stage_labels(1, "thigh")
+    cases = [{"set": 0, "study": "s1", "name": "s1_a"}, {"set": 1, "study": "s2", "name": "s2_a"}]
+    rows = np.array([[0.123456, np.nan], [np.nan, np.nan]])
+    path = tmp_path / "c.csv"
+    loop._append_case_rows(path, 3, cases, rows, names, [{"path": "/v1"}, {"path": "/v2"}])
+    loop._append_case_rows(path, 4, cases[:1], np.array([[0.5, 0.25]]), names, [{"path": "/v1"}])
+    assert path.read_bytes().decode() == ("epoch,set,study,case,mean_dsc,dsc_subcutaneous_fat,dsc_whole_muscle\r\n"
+                                "3,/v1,s1,s1_a,0.1235,0.1235,\r\n3,/v2,s2,s2_a,,,\r\n"
+                                "4,/v1,s1,s1_a,0.375,0.5,0.25\r\n")
+
+
+def test_warn_val_in_training_names_the_shared_studies(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import legcomp.training.loop as loop
+
+    def run(n_shared):
+        used = {f"/d/t{i}": [f"t{i}", f"h{i}", None, "train", 1] for i in range(n_shared)}
+        used["/d/v"] = ["v", "hv", None, "val", 1]  # a k-fold validation study is no training study
+        data = SimpleNamespace(gathered=[[{"used": used}]])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="legcomp.training"):
+            loop._warn_val_in_training(SimpleNamespace(stem="thigh_stage1"), data,
+                                       {f"h{i}" for i in range(n_shared)} | {"hv", "other"})
+        return [r.getMessage() for r in caplog.records]
+
+    assert run(6) == ["thigh_stage1: 6 --val studies are also training studies (same files): "
+                      "t0, t1, t2, t3, t4 ..."]
+    assert run(5) == ["thigh_stage1: 5 --val studies are also training studies (same files): t0, t1, t2, t3, t4"]
+    assert run(0) == []
+
+
+class _ValueNet(torch.nn.Module):
+    """Predicts class ``round(channel 0)`` at each voxel; records what it is given."""
+
+    def __init__(self, n_classes):
+        super().__init__()
+        self.n, self.seen = n_classes, []
+
+    def forward(self, x):
+        self.seen.append((x.clone(), x.dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.cat([(x[:, :1].round() == c).float() for c in range(self.n)], 1)
+
+
+def test_validate_pads_windows_ignores_and_masks():
+    import legcomp.training.loop as loop
+
+    img = np.ones((1, 12, 2, 4))  # float64, smaller than the patch in y
+    img[0, 6:] = 2.0
+    lab = img.astype(np.uint8).copy()
+    lab[0, 0, 0, 0] = 2  # one voxel predicted wrong
+    lab[0, 11, 1, 3] = anatomy.IGNORE  # two ignored voxels: not scored
+    lab[0, 1, 0, 0] = anatomy.IGNORE
+    net = _ValueNet(3)
+    got = loop.validate(net, [{"image": img, "label": lab}], 3, (8, 4, 4), (1, 1, 1), torch.device("cpu"), False)
+    ref, pred = lab[0], img[0].round().astype(np.uint8)
+    keep = ref != anatomy.IGNORE
+    want = [2 * ((pred == c) & (ref == c) & keep).sum() / (((pred == c) & keep).sum() + ((ref == c) & keep).sum())
+            for c in (1, 2)]
+    np.testing.assert_allclose(got, [want])
+    assert got.shape == (1, 2) and got[0, 0] < 1.0
+    xs = torch.cat([s[0] for s in net.seen])
+    assert tuple(xs.shape) == (2, 1, 8, 4, 4)  # two windows of the patch size
+    assert all(s[1] == torch.float32 and s[2] is False for s in net.seen)
+    first = xs[0, 0].numpy()  # the first window: the image at the start, zeros after it (padded at the end)
+    np.testing.assert_array_equal(first[:, :2], img[0, :8])
+    assert not first[:, 2:].any()
+    # a structure the case does not label (classes <= 0.5) scores NaN
+    out = loop.validate(net, [{"image": img, "label": lab, "classes": [1.0, 0.5, 1.0]}], 3, (8, 4, 4), (1, 1, 1),
+                        torch.device("cpu"), False)
+    assert np.isnan(out[0, 0]) and out[0, 1] == got[0, 1]
+    # amp: bfloat16 autocast
+    net.seen.clear()
+    loop.validate(net, [{"image": img, "label": lab}], 3, (8, 4, 4), (1, 1, 1), torch.device("cpu"), True)
+    assert net.seen[0][2] is True and net.seen[0][3] == torch.bfloat16
+    # no cases: an empty (0, n_classes - 1) array
+    empty = loop.validate(net, [], 3, (8, 4, 4), (1, 1, 1), torch.device("cpu"), False)
+    assert empty.shape == (0, 2)
+
+
+class _WindowNet(torch.nn.Module):
+    """Class 1 everywhere in the window that starts at the image's first voxel, class 2 in the others."""
+
+    def forward(self, x):
+        first = (x[:, 0, 0, 0, 0] == 5.0).float()[:, None, None, None]
+        ones = torch.ones_like(x[:, 0])
+        return torch.stack([0 * ones, ones * first, ones * (1 - first)], 1)
+
+
+def test_validate_blends_windows_with_gaussian_weights():
+    import legcomp.training.loop as loop
+
+    img = np.zeros((1, 12, 4, 4), np.float32)
+    img[0, 0] = 5.0
+    lab = np.ones((1, 12, 4, 4), np.uint8)
+    lab[0, 8:] = 2
+    got = loop.validate(_WindowNet(), [{"image": img, "label": lab}], 3, (8, 4, 4), (1, 1, 1),
+                        torch.device("cpu"), False)
+    # windows x 0-7 (class 1) and 4-11 (class 2): plain averaging would tie in 4-7 and give class 1 there
+    # (DSC 1, 1); the Gaussian weights let the second window win near its centre
+    assert got[0, 0] < 1.0 and got[0, 1] < 1.0
+
+
+def _train_messages(caplog):
+    return [r.getMessage() for r in caplog.records if r.name.startswith("legcomp.training")]
+
+
+def test_init_weights_checks_and_log_lines(tmp_path, caplog):
+    import logging
+
+    from legcomp.models import save_weights
+
+    write_toy_cohort(tmp_path / "data", 1, shape=(32, 16, 4))
+    kw = dict(stage=1, region="thigh", folds=1, config="tiny", epochs=1, iters_per_epoch=1, batch=1,
+              patch=(16, 16, 4), working_spacing=None, progress=False, device="cpu", lr=0.0)
+    w = tmp_path / "w"
+    save_weights(w / "calf.pt", build_network("tiny", 2, 3), config="tiny", region="calf", stage=1)
+    n2 = anatomy.n_classes(2, "thigh")
+    save_weights(w / "s2.pt", build_network("tiny", 2, n2), config="tiny", region="thigh", stage=2, in_channels=2)
+    save_weights(w / "fast.pt", build_network("fast", 2, 3), config="fast", region="thigh", stage=1)
+    save_weights(w / "ch3.pt", build_network("tiny", 3, 3), config="tiny", region="thigh", stage=1, in_channels=3)
+    save_weights(w / "ok.pt", build_network("tiny", 2, 3), config="tiny", region="thigh", stage=1)
+    with pytest.raises(LegcompInputError, match="weights are for region calf, not thigh"):
+        train(tmp_path / "data", out=tmp_path / "o1", init_weights=w / "calf.pt", **kw)
+    with pytest.raises(LegcompInputError, match="weights are for stage 2, not stage 1"):
+        train(tmp_path / "data", out=tmp_path / "o2", init_weights=w / "s2.pt", **kw)
+    for name in ("fast.pt", "ch3.pt"):
+        with pytest.raises(LegcompInputError) as exc:
+            train(tmp_path / "data", out=tmp_path / "o3", init_weights=w / name, **kw)
+        assert str(exc.value) == f"{w / name}: initial weights have another network config or input channels"
+    caplog.set_level(logging.INFO, logger="legcomp.training")
+    caplog.clear()
+    train(tmp_path / "data", out=tmp_path / "o4", init_weights=w / "ok.pt", **kw)  # no normalisation recorded
+    msgs = _train_messages(caplog)
+    assert f"thigh_stage1: initialised from {w / 'ok.pt'}" in msgs
+    assert ("the initial weights were trained with the in_phase_percentile normalisation; fine-tuning with "
+            "fat_reference") in msgs
+    caplog.clear()
+    train(tmp_path / "data", out=tmp_path / "o5", init_weights=w / "ok.pt", normalisation="in_phase_percentile", **kw)
+    msgs = _train_messages(caplog)
+    assert f"thigh_stage1: initialised from {w / 'ok.pt'}" in msgs
+    assert not [m for m in msgs if "initial weights were trained" in m]
+
+
+def test_resume_with_another_keep_recopies_that_candidate(tmp_path, caplog):
+    import logging
+    import pickle
+    from pathlib import PurePosixPath
+
+    from legcomp.training import provenance as P
+
+    write_toy_cohort(tmp_path / "data", 3, shape=(32, 16, 4))
+    out = tmp_path / "m"
+    kw = dict(stage=1, region="thigh", out=out, folds=3, fold=0, config="tiny", epochs=2, iters_per_epoch=1,
+              batch=1, patch=(16, 16, 4), working_spacing=None, progress=False, seed=1, device="cpu")
+    s1 = train(tmp_path / "data", keep="last", **kw)
+    assert s1["kept_epoch"] == 2
+    best = out / "thigh_stage1.best_fold.pt"
+    prov = P.read_provenance(best)
+    assert prov["keep"] == "last" and prov["weights"]["selection"] == "best-fold"
+    P.write_provenance(best, {**prov, "weights": {**prov["weights"], "epoch": 1}})  # as if epoch 1 was best
+    caplog.set_level(logging.INFO, logger="legcomp.training")
+    caplog.clear()
+    s2 = train(tmp_path / "data", keep="best-fold", **kw)  # nothing left to train: only the kept file changes
+    ck = out / "thigh_stage1.checkpoint.pt"
+    assert f"thigh_stage1: resumed from {ck} at epoch 3" in _train_messages(caplog)
+    assert s2["stop_reason"] == "already complete" and s2["keep"] == "best-fold" and s2["kept_epoch"] == 1
+    kept = P.read_provenance(out / "thigh_stage1.pt")
+    assert kept["keep"] == "best-fold" and kept["weights"]["selection"] == "best-fold"
+    assert kept["weights"]["epoch"] == 1
+    assert (out / "thigh_stage1.pt").read_bytes() == best.read_bytes()
+    with pytest.raises(LegcompInputError) as exc:
+        train(tmp_path / "data", **{**kw, "fold": 1})
+    assert str(exc.value) == (f"{ck}: checkpoint belongs to another run (stage/region/fold/seed/config/"
+                              "normalisation); use another --out or --no-resume")
+    # the checkpoint is read with weights_only: it cannot smuggle in arbitrary objects
+    blob = torch.load(ck, weights_only=True)
+    torch.save({**blob, "extra": PurePosixPath("x")}, ck)
+    with pytest.raises(pickle.UnpicklingError):
+        train(tmp_path / "data", **kw)
+
+
+def test_resume_with_fewer_sources_restarts_the_draw_counts(tmp_path):
+    write_toy_cohort(tmp_path / "a", 1, shape=(32, 16, 4))
+    write_toy_cohort(tmp_path / "b", 1, shape=(32, 16, 4), seed=3)
+    out = tmp_path / "m"
+    kw = dict(stage=1, region="thigh", out=out, folds=1, config="tiny", iters_per_epoch=2, batch=1,
+              patch=(16, 16, 4), working_spacing=None, progress=False, device="cpu")
+    train([tmp_path / "a", tmp_path / "b"], epochs=1, **kw)
+    s = train([tmp_path / "a"], epochs=2, **kw)
+    assert s["start_epoch"] == 1 and [src["draws"] for src in s["sources"]] == [2]
+    state = json.loads(torch.load(out / "thigh_stage1.checkpoint.pt", weights_only=True)["state_json"])
+    assert len(state["draws"]) == 1
+
+
+def test_draws_per_source_add_up_over_a_resume(tmp_path):
+    """The patches drawn per source, in the summary, provenance and checkpoint, count every run of a
+    resumed training, as a straight run does (the checkpoint once held none of them)."""
+    write_toy_cohort(tmp_path / "a", 1, shape=(32, 16, 4))
+    write_toy_cohort(tmp_path / "b", 1, shape=(32, 16, 4), seed=3)
+    kw = dict(stage=1, region="thigh", folds=1, config="tiny", iters_per_epoch=3, batch=2,
+              patch=(16, 16, 4), working_spacing=None, progress=False, device="cpu")
+    srcs = [(tmp_path / "a", 1.0), (tmp_path / "b", 2.0)]
+    straight = train(srcs, out=tmp_path / "s", epochs=2, **kw)
+    train(srcs, out=tmp_path / "r", epochs=1, **kw)
+    ck = tmp_path / "r" / "thigh_stage1.checkpoint.pt"
+    assert sum(json.loads(torch.load(ck, weights_only=True)["state_json"])["draws"]) == 6
+    resumed = train(srcs, out=tmp_path / "r", epochs=2, **kw)
+    draws = [src["draws"] for src in resumed["sources"]]
+    assert resumed["start_epoch"] == 1 and sum(draws) == 12 == resumed["steps_total"] * 2
+    assert draws == [src["draws"] for src in straight["sources"]]
+    assert json.loads(torch.load(ck, weights_only=True)["state_json"])["draws"] == draws
+    from legcomp.training import provenance as P
+
+    prov = P.read_provenance(tmp_path / "r" / "thigh_stage1.pt")
+    assert [src["draws"] for src in prov["sources"]] == draws
