@@ -140,8 +140,16 @@ def test_non_diagonal_input_affine_named_in_world_coordinates():
 
 
 def test_bad_dimension():
-    with pytest.raises(LegcompInputError):
+    with pytest.raises(LegcompInputError, match=r"leg map needs a 3D foreground, got shape \(4, 4\)"):
         leg_map(np.ones((4, 4), bool), np.eye(4))
+
+
+def test_empty_foreground_split():
+    from legcomp.preprocessing.legs import split_legs
+
+    split = split_legs(np.zeros((4, 4, 3), bool), np.eye(4))
+    assert split.coverage == ("empty",) * 3 and np.isnan(split.midline_x).all() and split.midline_x.shape == (3,)
+    assert split.legs.dtype == np.uint8 and not split.legs.any()
 
 
 def test_bounding_boxes_margin_and_clipping():
@@ -225,6 +233,15 @@ def test_find_leg_split_valley_depth_and_mass_limits():
     assert find_leg_split(np.array([4, 4, 4, 4], float), 0) is None  # no valley
     assert find_leg_split(np.array([4, 0], float), 0) is None and find_leg_split(np.zeros(5), 0) is None
     assert find_leg_split(np.array([2, 0, 2], float), 0) == 1  # the smallest profile with a valley
+    assert find_leg_split(np.array([0.5, 0, 0.5]), 0) == 1  # any scale
+    notch = np.array([4, 4, 4, 2, 4, 4, 4], float)
+    assert find_leg_split(notch, 0, 0.6) == 3 and find_leg_split(notch, 1.0, 0.6) is None  # smoothed away at 1 voxel
+    assert find_leg_split(notch, 0.3, 0.6) == 3  # but not at 0.3
+    from legcomp.preprocessing.legs import _axis_spacing
+
+    np.testing.assert_allclose(_axis_spacing(np.array([[1.0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]])),
+                               [1.0, np.sqrt(5.0), 3.0])  # column lengths of an oblique affine
+    assert find_leg_split(np.array([0, 4, 0, 4], float), 0, min_fraction=0.0) == 2  # never before the first voxel
     assert find_leg_split(np.array([0, 4, 1, 4], float), 0) == 2  # the left hump is the voxel just before
     # either side must hold at least min_fraction of the mass (inclusive)
     lop = np.array([1, 0, 9], float)  # left side holds 0.1
@@ -262,6 +279,8 @@ def test_gap_centre_and_slice_helpers():
     col = np.array([3, 3, 0, 0, 0, 3, 3])
     assert _gap_centre(col, 3) == 3.0 and _gap_centre(col, 2) == 3.0 and _gap_centre(col, 5) == 4.5
     assert _gap_centre(np.array([0, 0, 3]), 0) == 0.5 and _gap_centre(np.array([3, 0, 0]), 2) == 1.5
+    assert _gap_centre(np.array([3, 0, 0]), 1) == 1.5 and _gap_centre(np.array([0, 0, 3, 0]), 1) == 0.5  # to the ends
+    assert _gap_centre(np.array([3, 1, 3]), 1) == 0.5  # any tissue in column s: touching
     cov = ("empty", "apart", "touching", "one_leg", "joined", "joined", "empty")
     assert slice_levels(cov, "thigh") == (None, "thigh", "thigh", "thigh", HIP_LEVEL, HIP_LEVEL, None)
     assert slice_levels(cov, None) == (None, "leg", "leg", "leg", HIP_LEVEL, HIP_LEVEL, None)
@@ -293,6 +312,11 @@ def test_coverage_report_rows():
     assert rows[1]["coverage"] == "apart" and rows[1]["level"] == "thigh" and rows[1]["in_volumes"] is True
     assert rows[1]["midline_x_mm"] == round(float((aff @ [40.0, 19.5, 1, 1])[0]), 1)
     assert rows[2]["z_mm"] - rows[1]["z_mm"] == pytest.approx(5.0)
+    obl = aff.copy()
+    obl[0, 1], obl[2, 0], obl[2, 1] = 0.37, 0.53, 0.29  # oblique: the slice centre's x and y move z and x
+    row = coverage_report(split, obl, "thigh")[1]
+    assert row["z_mm"] == round(float((obl @ [39.5, 19.5, 1, 1])[2]), 1)
+    assert row["midline_x_mm"] == round(float((obl @ [split.midline_x[1], 19.5, 1, 1])[0]), 1)
     keep = np.ones(SHAPE[2], bool)
     keep[1] = False
     rows = coverage_report(split, aff, "thigh", input_affine=np.diag([1.5, 1.5, -5.0, 1]), in_volumes=keep)
@@ -371,3 +395,26 @@ def test_side_from_muscles_sign_with_no_minimum_distance():
     assert side_from_muscles(lab, "thigh", np.diag([0.5, 1, 1, 1]) @ np.eye(4), min_mm=0) == LEFT
     lab[10, 1, 0], lab[11, 1, 0] = 0, vl  # lateral 0.5 mm to the right
     assert side_from_muscles(lab, "thigh", np.diag([0.5, 1, 1, 1]), min_mm=0) == RIGHT
+
+
+@pytest.mark.parametrize("z, x, nz, drift, expected", [
+    ([2, 2], [1, 3], 3, 5.0, [2.0, 2.0, 2.0]),  # one slice measured twice: a constant
+    ([0, 1], [1, 2], 3, 10.0, [1.0, 2.0, 3.0]),  # two slices: a line
+    ([0, 1, 2, 3], [0, 1, 2, 10], 4, 50.0, [-7 / 12, 19 / 12, 45 / 12, 71 / 12]),  # slope: median of all 6 pairs
+    ([0, 0, 2], [0, 2, 4], 3, 50.0, [1.0, 2.5, 4.0]),  # pairs on one slice have no slope
+    ([2, 3], [2, 3], 5, 0.5, [1.5, 1.5, 2.0, 3.0, 3.5]),  # extrapolated within 0.5 voxel of the ends
+])
+def test_fit_midline_theil_sen(z, x, nz, drift, expected):
+    from legcomp.preprocessing.legs import fit_midline
+
+    np.testing.assert_allclose(fit_midline(np.array(z), np.array(x), nz, drift), expected)
+
+
+@pytest.mark.parametrize("kw", [{"valley_ratio": 0.01}, {"smooth_mm": 30.0}])
+def test_leg_map_passes_its_split_settings_on(kw):
+    from legcomp.preprocessing.legs import split_legs
+
+    fg, aff = disc(25, 20, 12) | disc(55, 20, 12), centred_affine()
+    legs = leg_map(fg, aff, **kw)
+    np.testing.assert_array_equal(legs, split_legs(fg, aff, **kw).legs)
+    assert (legs != leg_map(fg, aff)).any()  # a valley this shallow (or smoothed away) does not split the legs

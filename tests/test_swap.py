@@ -39,6 +39,14 @@ def test_unswapped_phantom_raises_no_alarm(phantoms, region):
     rep = S.detect_swap(phantoms[region].water, phantoms[region].fat, phantoms[region].affine)
     assert rep.verdict == "none" and rep.note() == ""
     assert rep.n_units["ok"] >= 0.9 * 2 * phantoms[region].water.shape[2]  # (nearly) every leg slice judged
+    assert (rep.work_factor, rep.spacing) == (1, (4.0, 4.0))
+    from scipy import ndimage
+
+    ids = {name: lid for lid, name in S.LEGS.items()}
+    body = S.work_grid(phantoms[region].water, phantoms[region].fat, phantoms[region].affine)[2]
+    for u in rep.units:  # the leg's centre on the work grid, not in its box
+        leg = S._largest(body[:, :, u.z] & (rep.legs[:, :, u.z] == ids[u.leg]))
+        assert u.centre == pytest.approx(ndimage.center_of_mass(leg))
 
 
 @pytest.mark.parametrize("region", ["thigh", "calf"])
@@ -107,12 +115,31 @@ def test_images_that_are_not_a_dixon_pair_get_a_note(phantoms):
     assert S.not_dixon_reason(np.round(ph.water), np.round(ph.fat)) == ""
 
 
+def test_slices_holding_one_leg_are_still_judged(phantoms):
+    ph = phantoms["thigh"]
+    w, f = ph.water.copy(), ph.fat.copy()
+    w[:48, :, :3] = f[:48, :, :3] = 0.0  # slices 0-2 lose the leg at low x: no left leg there
+    rep = S.detect_swap(w, f, ph.affine)
+    assert sorted((u.z, u.leg) for u in rep.units if u.z < 3) == [(0, "right"), (1, "right"), (2, "right")]
+
+
+def test_leg_slices_under_15_cm2_are_not_judged(phantoms):
+    ph = phantoms["thigh"]
+    aff = ph.affine.copy()
+    aff[0, 0], aff[1, 1] = 0.8, 1.6  # the same voxels called 0.8 x 1.6 mm: 1.6 x 3.2 mm on the work grid
+    rep = S.detect_swap(ph.water, ph.fat, aff)
+    assert rep.spacing == pytest.approx((1.6, 3.2)) and sum(rep.n_units.values()) == 9
+    assert min(u.area_cm2 for u in rep.units) == 15.0  # 24 leg slices, 15 of them smaller
+
+
 def test_coarse_voxels_are_not_judged(phantoms):
     ph = phantoms["thigh"]
     aff = ph.affine.copy()
     aff[:2, :2] *= 1.5  # 6 mm in-plane
     rep = S.detect_swap(ph.fat, ph.water, aff)
     assert rep.verdict == "undecided" and "coarser" in rep.to_json()["not_judged"] and rep.note() == ""
+    aff[:2, :2] = [[3.0, 0.0], [3.0, 1.0]]  # oblique: x voxels of 4.24 mm (a column's length, not a row's)
+    assert "4.24 mm" in S.detect_swap(ph.fat, ph.water, aff).to_json()["not_judged"]
 
 
 def test_slices_are_numbered_as_in_the_input_file(tmp_path, phantoms):
@@ -227,6 +254,7 @@ def test_swap_rule_helpers_at_their_thresholds():
     assert S._describe({"left": []}, {}, {"left": 0}) == ""
     assert S.integer_levels(np.array([0, 1, 2, 2.0])) == 3 and S.integer_levels(np.array([0, 1.5])) == 0
     assert S.layer_index(np.array([0.4, 0.6, 1.5, 2.49]), 1.0).tolist() == [0, 1, 2, 2]
+    assert S.layer_index(np.array([0.4]), 1.0).dtype.kind == "i"
     assert S.first_layer(1.0) == 3 and S.first_layer(2.0) == 2 and S.first_layer(2.7) == 2 and S.first_layer(4.0) == 1
     # a sector: fat over water +1, water over fat -1; they must differ by CONTRAST (0.3) and the surface be decisive
     assert S.sector_state(0.75, 0.45) == 1 and S.sector_state(0.75, 0.46) == 0 and S.sector_state(0.7, 0.1) == 1
@@ -250,7 +278,7 @@ def test_swap_rule_helpers_at_their_thresholds():
     assert S.swapped_arc((-1,) + (1,) * 10 + (-1,)) == {11, 0}  # circular
     assert S.swapped_arc(bad) == set(range(12)) and S.swapped_arc(fine) == set()
     sec = S.sector_map((5, 5), (2.0, 2.0))
-    assert sec.min() >= 0 and sec.max() < 12 and len(np.unique(sec)) >= 8
+    assert sec.min() >= 0 and sec.max() < 12 and len(np.unique(sec)) >= 8 and sec.dtype.kind == "i"
 
 
 def test_unit_box_largest_judge_unit_and_partial_chains():
@@ -259,6 +287,7 @@ def test_unit_box_largest_judge_unit_and_partial_chains():
     m = np.zeros((20, 20), bool)
     m[5, 7] = True
     assert S._box(m, 2) == (slice(3, 8), slice(5, 10)) and S._box(m, 6) == (slice(0, 12), slice(1, 14))
+    assert S._box(m, 7) == (slice(0, 13), slice(0, 15))
     two = np.zeros((20, 20), bool)
     two[0:2, 0:2] = True  # labelled first, but smaller
     two[10:15, 10:15] = True
@@ -289,6 +318,13 @@ def test_unit_box_largest_judge_unit_and_partial_chains():
 
     assert chain(0) == chain(3) == ["partial"] * 3 and chain(4) == ["ok"] * 3  # step 4: sector 7 between
     assert chain(0, order=(2, 1, 0)) == ["partial"] * 3  # units in any order
+    assert chain(-3) == ["partial"] * 3 and chain(-4) == ["ok"] * 3  # arcs turning the other way
+    arc, far = (-1, -1, 1, 1) + (0,) * 8, (0,) * 6 + (-1, -1, 1, 1, 0, 0)
+    assert [u.verdict for u in S._confirm_partial([_unit(z, "left", "partial", 0.5, arc) for z in range(2)])] == \
+        ["ok"] * 2  # a chain of 2 is too short
+    assert [u.verdict for u in S._confirm_partial([_unit(z, "left", "partial", 0.5, arc) for z in range(3)]
+                                                   + [_unit(3, "left", "partial", 0.5, far)])] == \
+        ["partial"] * 3 + ["ok"]  # a partial unit next to a chain but not linked to it leaves the chain alone
 
 
 def test_summarise_verdicts_and_the_report():
@@ -359,6 +395,60 @@ def test_not_dixon_reasons():
     assert not_dixon_reason(tiny, tiny * 0.5 + 0.25) == ""  # fewer than 100 body voxels: not judged
 
 
+def _neg(n_neg, neg, top, n=80, rest=10.5):
+    a = np.full(n, rest)
+    a[-1], a[:n_neg] = top, neg
+    return a
+
+
+PHASE = "the water image holds many negative values (a phase image?)"
+
+
+@pytest.mark.parametrize("water, expected", [
+    (np.r_[np.full(40, 10.5), np.zeros(58), -6.0], ""),  # 1 % negative, however deep; zeros are not negative
+    (_neg(4, -6.0, 10.5), ""),  # 5 % negative: not more than 5 %
+    (_neg(5, -1.0, 20.0), ""),  # down to -5 % of the maximum exactly: not below
+    (_neg(10, -0.5, 100.5), ""),  # shallow
+    (_neg(10, -0.03, 0.5, rest=0.25), PHASE),  # below -5 % of a maximum under 1
+    (np.ones(80), "the water image holds 1 integer levels only (a label map?)"),
+])
+def test_not_dixon_phase_image_thresholds(water, expected):
+    # under 100 voxels: nothing is checked after the label map and the phase image
+    assert S.not_dixon_reason(water, np.full(water.shape, 0.75)) == expected
+
+
+def _pair(i=np.arange(1000)):
+    return 10.25 + (i % 5) * 0.5, 0.75 + (i % 7) * 0.25  # uncorrelated, non-integer
+
+
+def test_not_dixon_reason_body_similarity_and_signal_checks():
+    w = np.r_[np.full(99, 10.5), np.full(300, 0.04)]  # 99 body voxels and faint background
+    assert S.not_dixon_reason(w, w.copy()) == ""
+    w = np.linspace(10.5, 50.5, 200)
+    assert S.not_dixon_reason(w, w * 1.0005) == "water and fat are the same image"  # within 0.1 %
+    prop = "water and fat are proportional (the same image scaled)"
+    small = np.linspace(0.15, 0.45, 200)  # std under 1
+    assert S.not_dixon_reason(small, small * 2) == prop and S.not_dixon_reason(small * 2, small) == prop
+    w, f = _pair()
+    assert S.not_dixon_reason(w, f) == ""
+    w[0] = 1e6  # one outlier: the 99th percentile ignores it
+    assert S.not_dixon_reason(w, f) == ""
+    w, f = _pair()
+    f[0] = 1e6
+    assert S.not_dixon_reason(w, f) == ""
+    w, f = _pair()
+    w[::10], f[:] = 100.0, np.where(np.arange(1000) % 10 == 5, 2.0, 1.25)  # fat 99th percentile 2 % of water's exactly
+    assert S.not_dixon_reason(w, f) == ""
+    f[f == 2.0] = 1.99
+    assert S.not_dixon_reason(w, f) == "the fat image holds almost no signal in the body"
+
+
+def test_integer_levels_samples_every_other_voxel_of_4_million():
+    a = np.zeros(4_000_000)
+    a[1::2] = 0.5
+    assert S.integer_levels(a) == 1
+
+
 def test_body_helpers():
     from legcomp.preprocessing.body import background_level, block_mean, body_mask, find_bones
 
@@ -371,9 +461,21 @@ def test_body_helpers():
     narrow = np.ones((20, 3, 1))
     narrow[:, 1], narrow[[0, -1]] = 100.0, 100.0  # 3 voxels in y: one column each side, not the middle one
     assert background_level(narrow) == 1.0
+    sq = np.zeros((20, 20, 1))
+    sq[[0, -1]] = 1.0  # 44 of the 80 frame voxels are 1 (1 voxel each side), but not 44 of 120 (2 each side)
+    assert background_level(sq) == 1.0
+    tall = np.zeros((40, 20, 1))
+    tall[[0, 1, -2, -1]] = 1.0  # 40 voxels in x: 2 each side (88 ones of 160); 20 in y: 1 each side
+    assert background_level(tall) == 1.0
     strip = np.zeros((40, 40, 1))
     strip[10:13, 5:35] = 100.0  # 3 voxels wide: kept by the 3 x 3 opening
     assert body_mask(strip).sum() == 90
+    assert body_mask(np.swapaxes(strip, 0, 1)).sum() == 90  # and 3 voxels high
+    spike = np.zeros((20, 20, 1))
+    spike[5:15, 5:15] = 10.0
+    spike[8, 8] = 1000.0  # the 99th percentile (10), not the maximum, sets the threshold (1.5)
+    spike[5:15, 15:18] = 1.5  # exactly at the threshold: not body
+    assert body_mask(spike).sum() == 100
     m = body_mask(a)
     assert m[10:30, 10:30].all() and m.sum() == 2 * 400
     ring = a.copy()
@@ -477,3 +579,130 @@ def test_work_grid_blocks_fine_pixels_to_about_2_mm():
     ww, ff, body, legs, spacing, k = S.work_grid(w, w, np.diag([0.5, 0.7, 4.0, 1.0]))
     assert k == 4 and spacing == pytest.approx((2.0, 2.8)) and ww.shape == (10, 5, 2) and legs.shape == body.shape
     assert S.work_grid(w, w, np.diag([2.5, 2.5, 4.0, 1.0]))[5] == 1
+
+
+def _layered(values, n=5):
+    """(ff, layers, mask) of a slice whose layer i holds ``n`` voxels of fat fraction ``values[i]``."""
+    layers = np.repeat(np.arange(len(values))[:, None], n, axis=1)
+    return np.repeat(np.asarray(values, float)[:, None], n, axis=1), layers, np.ones(layers.shape, bool)
+
+
+@pytest.mark.parametrize("values, first, last, expected", [
+    ([0.9, 0.5, 0.3, 0.1], 1, 3, (0.3, 2)),  # layer 0 is skin; |0.3 - 0.5| = DECISIVE exactly
+    ([0.1, 0.5, 0.5, 0.9, 0.1], 1, 3, (0.9, 3)),  # the last layer counts, the one after it not
+    ([0.1, 0.5, 0.5, 0.5, 0.9], 1, 3, (None, 0)),
+])
+def test_surface_ff_takes_the_first_decisive_layer_from_first_to_last(values, first, last, expected):
+    ff, layers, mask = _layered(values)
+    m, i = S.surface_ff(ff, layers, mask, first, last)
+    assert i == expected[1] and (np.isnan(m) if expected[0] is None else m == expected[0])
+
+
+def test_surface_ff_skips_layers_of_under_five_voxels():
+    ff, layers, mask = _layered([0.5, 0.9, 0.1, 0.5])
+    mask[1, 0] = False  # layer 1: 4 voxels, skipped; layer 2: 5, enough
+    assert S.surface_ff(ff, layers, mask, 1, 3) == (0.1, 2)
+
+
+@pytest.mark.parametrize("values, surface, last, expected", [
+    ([0.0, 0.0, 0.2, 0.3, 0.4, 0.1, 0.6], 0.9, 4, 0.3),  # from layer 2 (first + 1) to 4: median of 0.2, 0.3, 0.4
+    ([0.75, 0.75, 0.75, 0.75, 0.45, 0.1], 0.75, 4, 0.45),  # only the last layer differs, by CONTRAST exactly
+    ([0.9, 0.9, 0.9, 0.9, 0.9, 0.2], 0.9, 4, None),  # a contrast below layer ``last`` does not count
+])
+def test_beneath_ff_from_the_first_contrasting_layer_down_to_last(values, surface, last, expected):
+    import warnings
+
+    ff, layers, mask = _layered(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no median of an empty selection
+        b = S.beneath_ff(ff, layers, mask, surface, 1, last)
+    assert np.isnan(b) if expected is None else b == pytest.approx(expected)
+
+
+def test_judge_unit_surface_depth_and_inner_core_on_2_mm_pixels(monkeypatch):
+    # a leg of radius 15 pixels (30 mm): surface layers 2 .. 5 (min(20, 0.35 x 30) / 2 mm), inner: deeper than
+    # 12 mm, beneath: layers down to 7 (0.5 x 30 / 2 mm); signal far below 1 (a scaled image)
+    monkeypatch.setattr(S, "_marrow_ff", lambda *a: 0.12345)
+    ii, jj = np.indices((36, 36))
+    r = np.hypot(ii - 17.5, jj - 17.5)
+    leg = r < 15
+    ip = np.where(leg, 0.1, 0.0)
+    f = np.where(leg, np.where(r > 12.5, 0.05, np.where(r > 9, 0.09, 0.02)), 0.0)
+    u = S.judge_unit(ip - f, f, leg, (2.0, 2.0))
+    assert (u.z, u.leg, u.area_cm2, u.ff_surface, u.ff_inner, u.ff_marrow, u.score) == \
+        (0, "", 28.6, 0.9, 0.2, 0.123, 0.723)  # score 0.4 + 0.7 - 0.37655
+    # beneath the fat (layers 3-5): water in layers 6-7, fat-like (0.75) below: +1 in the sectors along the axes
+    # (the diagonal ones hold under 5 voxels per layer)
+    f = np.where(leg, np.where(r > 12.5, 0.05, np.where(r > 9.5, 0.09, np.where(r > 7.5, 0.02, 0.075))), 0.0)
+    assert S.judge_unit(ip - f, f, leg, (2.0, 2.0)).sectors == (0, 1, 0) * 4
+    f = np.where(leg, np.where(r > 8, 0.05, 0.01), 0.0)  # decisive only deeper than layer 5
+    u = S.judge_unit(ip - f, f, leg, (2.0, 2.0))
+    assert np.isnan(u.ff_surface) and u.score == -0.377  # the marrow term alone
+
+
+def test_judge_unit_inner_median_needs_five_voxels():
+    # 1 mm pixels; inner: deeper than 0.4 x the radius of a disc of the leg's area
+    leg = np.zeros((12, 14), bool)
+    leg[2:5, 2:9] = True  # 21 voxels, radius 2.59 mm: 5 inner voxels (the middle row but its ends)
+    f = np.where(leg, 0.9, 0.0)
+    f[3, 3:8] = 0.2
+    assert S.judge_unit(1.0 - f, f, leg, (1.0, 1.0)).ff_inner == 0.2
+    leg[5:7, :] = False
+    leg[2:5, 7:9] = False
+    leg[6, 1:13] = leg[5, 1] = True  # 28 voxels: 3 inner ones only
+    assert np.isnan(S.judge_unit(1.0 - f, f, leg, (1.0, 1.0)).ff_inner)
+
+
+@pytest.mark.parametrize("n_marrow, expected", [(50, 0.9), (49, None)])
+def test_marrow_ff_needs_half_a_cm2_of_bright_bone(monkeypatch, n_marrow, expected):
+    # 2 x 0.5 mm pixels: 50 bright bone voxels are 0.5 cm^2 exactly; signal far below 1 (a scaled image)
+    bones = np.zeros((20, 20), np.int32)
+    bones.flat[:n_marrow + 60] = 1
+    w, f = np.full((20, 20), 0.0625), np.full((20, 20), 0.0625)
+    w.flat[:n_marrow], f.flat[:n_marrow] = 0.025, 0.225  # marrow: W+F 0.25, FF 0.9
+    w.flat[n_marrow:n_marrow + 60], f.flat[n_marrow:n_marrow + 60] = 0.0625, 0.0  # W+F half the median: not marrow
+    monkeypatch.setattr(S, "find_bones", lambda *a: (bones, np.array([1.0])))
+    leg = np.ones((20, 20), bool)
+    ff = S._marrow_ff(w, f, leg, np.ones((20, 20)), (2.0, 0.5))
+    assert np.isnan(ff) if expected is None else ff == pytest.approx(expected)
+
+
+def test_work_grid_hands_leg_map_the_blocked_affine(monkeypatch):
+    seen = []
+    monkeypatch.setattr(S, "leg_map", lambda body, aff: seen.append(aff) or np.ones(body.shape, np.uint8))
+    aff = np.array([[0.5, 0.1, 0.0, 10.0], [0.2, 0.7, 0.0, 20.0], [0.0, 0.3, 4.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
+    w = np.zeros((40, 30, 2), np.float32)
+    w[10:30, 5:25] = 1.0
+    k = S.work_grid(w, w, aff)[5]
+    assert k == 3 and len(seen) == 1
+    np.testing.assert_allclose(seen[0], aff @ np.diag([3.0, 3.0, 1.0, 1.0]))
+
+
+def test_fill_undecided_looks_at_the_nearest_judged_unit_only():
+    got = [u.verdict for u in S._fill_undecided([_unit(0, "left", "partial"), _unit(1, "left", "undecided"),
+                                                  _unit(2, "left", "swapped")])]
+    assert got == ["partial", "undecided", "swapped"]  # a partly swapped neighbour is judged too
+    got = [u.verdict for u in S._fill_undecided([_unit(0, "left", "undecided"), _unit(1, "left", "swapped"),
+                                                  _unit(2, "left", "ok")])]
+    assert got == ["swapped", "swapped", "ok"]  # only the nearest above
+
+
+def test_summarise_keeps_work_grid_and_mixes_swapped_and_partial():
+    arc = (-1, -1, 1, 1) + (0,) * 8
+    units = [_unit(z, "right", "partial", 0.5, arc) for z in range(3)] + [_unit(z, "left", "swapped") for z in range(3)]
+    r = S.summarise(units, None, 2, (2.0, 3.0))
+    assert (r.verdict, r.work_factor, r.spacing) == ("partial", 2, (2.0, 3.0))
+    assert S.summarise([]).work_factor == 1
+    r = S.summarise([_unit(z, "left", "swapped") for z in range(3)] + [_unit(z, "right", "ok") for z in range(2)])
+    assert r.note().startswith("fat-water swap: water and fat are swapped in part of the series (the whole left leg)")
+
+
+def test_judge_unit_sectors_are_true_angles_on_anisotropic_pixels():
+    # a swapped arc (water over fat) in sectors 1-2 by angle in mm, on 2 x 1 mm pixels
+    ii, jj = np.indices((40, 40))
+    r = np.hypot(ii - 19.5, jj - 19.5)
+    leg = r < 18
+    arc = np.isin(S.sector_map((40, 40), (19.5, 19.5), (2.0, 1.0)), [1, 2])
+    f = np.where(leg, np.where(r > 14, np.where(arc, 0.1, 0.9), np.where(arc, 0.9, 0.1)), 0.0)
+    u = S.judge_unit(np.where(leg, 1.0, 0.0) - f, f, leg, (2.0, 1.0))
+    assert u.sectors == (1, -1, -1) + (1,) * 9
