@@ -3,12 +3,12 @@
 #
 #   bench/mutation.sh MODULE [MINUTES]
 #
-# MODULE: quantification | io | preprocessing | evaluation | all (training/loop.py is not mutated: see
-#   [tool.mutmut] in pyproject.toml)
+# MODULE: quantification | io | preprocessing | evaluation | training (training/loop.py) | all
 # MINUTES: wall-clock budget (default 30). mutmut is interrupted when it is spent; the mutants tested by
 #   then are kept (mutants/) and reported, the rest show as "not checked"; a rerun goes on from there
 #   (it runs only the module's mutants not checked yet or surviving; ONLY=survived only the survivors,
-#   FULL=1 all of them again).
+#   FULL=1 all of them again). SAMPLE=N: only N of them, drawn at random (seed SAMPLE_SEED, default 0), for
+#   an unbiased estimate of the score of a module too big to run whole in the budget.
 #
 # Needs: pip install -e ".[dev]" (mutmut); the configuration is [tool.mutmut] in pyproject.toml (which files
 # are mutated, which tests run). Run from anywhere; it works in the repository root (mutants/ is written there).
@@ -19,11 +19,12 @@
 # score killed / (killed + survived). Surviving mutants: `mutmut results`, `mutmut show NAME`, `mutmut browse`.
 set -euo pipefail
 
-usage="usage: bench/mutation.sh quantification|io|preprocessing|evaluation|all [MINUTES]"
+usage="usage: bench/mutation.sh quantification|io|preprocessing|evaluation|training|all [MINUTES]"
 module=${1:?$usage}
 minutes=${2:-30}
 case "$module" in
     quantification|io|preprocessing|evaluation) pattern="legcomp.$module.*" ;;
+    training) pattern="legcomp.training.loop.*" ;;
     all) pattern="" ;;
     *) echo "$usage" >&2; exit 2 ;;
 esac
@@ -38,14 +39,25 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # ONLY=survived: rerun only the survivors (after writing tests for them).
 targets=(${pattern:+"$pattern"})
 if [[ -z "${FULL:-}" && -f mutants/mutmut-stats.json ]]; then
+    if [[ -n "$pattern" ]] && ! mutmut results --all=true | grep "^ *${pattern%\*}" >/dev/null; then
+        # a module mutmut has not listed yet (newly configured): a run that tests nothing makes its mutants
+        echo "mutation.sh: making the mutants of $module first"
+        nice -n "${NICE:-19}" mutmut run "legcomp.no_such_module.*" >/dev/null 2>&1 || true
+    fi
     mapfile -t targets < <(mutmut results --all=true | python3 -c '
+import random
 import sys
 prefix = sys.argv[1].rstrip("*")
+names = []
 for line in sys.stdin:
     name, sep, outcome = line.strip().rpartition(": ")
     if sep and "__mutmut_" in name and name.startswith(prefix) and outcome in sys.argv[2].split(","):
-        print(name)' "$pattern" "${ONLY:-not checked,survived}")
-    echo "mutation.sh: ${#targets[@]} mutants ${ONLY:-not checked,survived} (FULL=1 reruns all)"
+        names.append(name)
+if sys.argv[3]:
+    names = random.Random(int(sys.argv[4])).sample(names, min(int(sys.argv[3]), len(names)))
+print("\n".join(names))' "$pattern" "${ONLY:-not checked,survived}" "${SAMPLE:-}" "${SAMPLE_SEED:-0}")
+    [[ "${targets[*]}" == "" ]] && targets=()
+    echo "mutation.sh: ${#targets[@]} mutants ${ONLY:-not checked,survived}${SAMPLE:+ (a random sample)} (FULL=1 reruns all)"
 fi
 started=$(date +%s)
 rc=0
