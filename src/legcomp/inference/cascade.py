@@ -195,9 +195,8 @@ class Cascade:
         legs_work = prep.labels_to_working(legs, study, work)
         # hip/pelvis slices (legs joined above the thighs) do not set the crop boxes' width: the
         # network was trained on crops of legs, not of half a pelvis
-        hip = np.array([lv == HIP_LEVEL for lv in slice_levels(split.coverage, self.region)])
-        hip_work = prep.labels_to_working(np.broadcast_to(hip, study.shape).astype(np.uint8), study, work)
-        hip_work = hip_work.any(axis=(0, 1))
+        hip = np.array([lv == HIP_LEVEL for lv in slice_levels(split.coverage, self.region)], np.uint8)
+        hip_work = prep.resample(hip[None, None, :], (1, 1, work.shape[2]), 0)[0, 0] > 0  # z only
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None,
                                   method=prep.normalisation_of(self.stage2.meta))
         # float16 halves the largest array of a run (n_classes x the working grid); the resampling
