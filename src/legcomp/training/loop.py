@@ -1153,7 +1153,7 @@ def _keep_candidates(run: _Run, epoch: int, sc: _Scores, monitor: str | None) ->
 def _write_checkpoint(run: _Run, epoch: int) -> None:
     """Write ``<stem>.checkpoint.pt`` (atomically): model, optimizer, RNG states, progress after ``epoch``."""
     # the draws so far: earlier runs' (restored on resume) and this run's
-    draws = [int(a) + int(b) for a, b in zip(run.st["draws"], run.draws_run or [0] * len(run.st["draws"]))]
+    draws = [int(a) + int(b) for a, b in zip(run.st["draws"], run.draws_run)]
     state = {**run.st, "epoch": epoch, "elapsed_s": run.elapsed(), "rows": run.rows, "draws": draws}
     path = run.env.paths["checkpoint"]
     tmp = path.with_name(path.name + ".tmp")
