@@ -168,3 +168,35 @@ def test_selective_end_stage_muscles():
     some = sig.sample_muscle_fat("thigh", np.random.default_rng(8), 0.0, sus, True, selective=0.5)
     ends = some.target[codes] >= 0.45
     assert 0 < ends.sum() < n  # muscle by muscle, not all or none
+
+
+def test_calf_tibia_under_the_skin_becomes_bone():
+    """A calf map whose muscles leave the tibia's void open to the skin (its medial face lies under the
+    skin) and joined to an unlabelled deep gap: the void is inside the fascia and becomes bone, not a
+    notch of SAT, and the thin gap beside it stays soft tissue."""
+    from legcomp.phantom.shapes import MUSCLE0
+    from legcomp.phantom.synth import SourceMap
+
+    n, sp = 80, 1.0
+    x, y = np.meshgrid((np.arange(n) - n / 2) * sp, (np.arange(n) - n / 2) * sp, indexing="ij")
+    r = np.hypot(x, y)
+    limb = r <= 30
+    void = np.hypot(x, y - 20) <= 9  # the tibia: 9 mm, its anterior edge near the outline
+    gap = (np.abs(x) <= 3) & (y < 12) & (y > -12)  # an unlabelled band running back from it (FDL/FHL)
+    ids = [lb.id for lb in anatomy.CALF_MUSCLES]
+    sl = np.zeros((n, n), np.uint8)
+    ang = np.arctan2(y, x)
+    sl[limb] = MUSCLE0 + np.asarray(ids)[((ang[limb] + np.pi) / (2 * np.pi) * 3).astype(int) % 3]
+    sl[void | gap] = 0
+    sl[limb & (y > 24) & (np.abs(x) < 6)] = 0  # open to the skin in front of the tibia
+    codes = np.repeat(np.concatenate([sl, sl[::-1]], axis=0)[:, :, None], 4, axis=2)  # two legs
+    src = SourceMap(codes=codes, affine=np.diag([sp, sp, 10.0, 1.0]), region="calf", name="c",
+                    unlabelled=[lb.name for lb in anatomy.CALF_MUSCLES[3:]])
+    out, _, aff = build_tissues(src, np.random.default_rng(0), adiposity=0.3, resize_mm=0.0, septa=0.0,
+                                vessels=False, fill_gaps_mm=0.0)
+    pad = int(round(-aff[0, 3] / sp))  # the padded grid's offset, voxels
+    t = out[pad:pad + n, pad:pad + n, 1] % LEG_STRIDE  # the first leg
+    core = np.hypot(x, y - 20) <= 5
+    assert np.isin(t[core], (MARROW, CORTEX)).all()
+    assert not np.isin(t[void], (SAT, SKIN)).any()
+    assert not np.isin(t[gap & (y < 0)], (MARROW, CORTEX)).any()  # the deep band is no bone

@@ -260,11 +260,54 @@ def _pick_bones(gaps: np.ndarray, sx: float, sy: float, region: str) -> np.ndarr
     inner = _edt2d(core[:, :, None], sx, sy)[:, :, 0]
     rmax = ndimage.maximum(inner, lab, idx)  # radius of the largest inscribed disk, mm
     compact = np.pi * np.asarray(rmax) ** 2 / np.maximum(area, 1e-6)  # 1 for a disk, small for slivers
+    lab, area, compact = _round_cores(lab, inner, idx, np.asarray(rmax), area, compact, sx, sy)
     min_area, n_bones = (150.0, 1) if region == "thigh" else (25.0, 2)
     ok = (area >= min_area) & (compact >= 0.3)
     chosen = idx[ok][np.argsort(-(area[ok] * compact[ok]))][:n_bones]
     bone = np.isin(lab, chosen)
     return ndimage.binary_dilation(bone, structure=_disk(2.5, sx, sy)[:, :, 0]) & gaps
+
+
+def _convex_hull_2d(mask: np.ndarray) -> np.ndarray:
+    """Per axial slice, the convex hull (bool, same (x, y, z) shape) of ``mask``'s voxels."""
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    out = np.zeros_like(mask, dtype=bool)
+    for k in range(mask.shape[2]):
+        pts = np.argwhere(mask[:, :, k])
+        if len(pts) < 3:
+            out[pts[:, 0], pts[:, 1], k] = True
+            continue
+        try:
+            hull = Delaunay(pts[ConvexHull(pts).vertices])
+        except QhullError:  # collinear voxels: the mask itself
+            out[pts[:, 0], pts[:, 1], k] = True
+            continue
+        (x0, y0), (x1, y1) = pts.min(0), pts.max(0) + 1
+        gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1), indexing="ij")
+        inside = hull.find_simplex(np.stack([gx.ravel(), gy.ravel()], 1)) >= 0
+        out[x0:x1, y0:y1, k] = inside.reshape(gx.shape)
+    return out | mask
+
+
+def _round_cores(lab: np.ndarray, inner: np.ndarray, idx: np.ndarray, rmax: np.ndarray, area: np.ndarray,
+                 compact: np.ndarray, sx: float, sy: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each gap cut back to the round core around its thickest point (the voxels at least half its
+    largest inscribed radius deep, grown back by that half radius), so that a bone's void merged with an
+    unlabelled region beside it (the calf's tibia with the deep posterior gap) loses that region."""
+    lab = lab.copy()
+    area, compact = area.astype(float).copy(), compact.copy()
+    for n, (i, r) in enumerate(zip(idx, rmax)):
+        if r <= 0:
+            continue
+        comp = lab == i
+        deep, _ = ndimage.label(comp & (inner >= 0.5 * r))
+        top = deep[np.unravel_index(np.argmax(np.where(comp, inner, -1.0)), inner.shape)]
+        blob = ndimage.binary_dilation(deep == top, structure=_disk(0.5 * r, sx, sy)[:, :, 0]) & comp
+        lab[comp & ~blob] = 0
+        area[n] = blob.sum() * sx * sy
+        compact[n] = np.pi * r ** 2 / max(area[n], 1e-6)
+    return lab, area, compact
 
 
 def _at_least(src: SourceMap, mm: float) -> SourceMap:
@@ -320,7 +363,9 @@ def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float,
 
     The source is first brought to in-plane voxels of at least ``tissue_mm``; gaps between muscles up
     to ``fill_gaps_mm`` wide (default: drawn, about two source voxels) are closed by the nearest muscle
-    before septa and intermuscular fat are drawn.
+    before septa and intermuscular fat are drawn. The deep fascia is the muscles' closed outline per leg
+    (a calf's: also their convex hull per slice, so that the tibia, whose medial face no muscle covers,
+    lies inside it and becomes bone instead of a notch of subcutaneous fat).
 
     Returns:
         (codes, gap, affine): fine codes with leg offset (uint8, ``code + LEG_STRIDE * (leg - 1)``) on the
@@ -346,6 +391,8 @@ def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float,
         if not m.any():
             continue
         env = ndimage.binary_closing(m, structure=_disk(float(rng.uniform(4.0, 7.0)), sx, sy), iterations=1)
+        if src.region == "calf":  # the tibia's medial face lies under the skin: no muscle covers it
+            env = env | _convex_hull_2d(m)
         env = ndimage.binary_fill_holes(env | m, structure=np.array([[[0], [1], [0]], [[1], [1], [1]], [[0], [1], [0]]],
                                                                      bool))
         inside[env & (inside == 0)] = leg
