@@ -200,3 +200,41 @@ def test_calf_tibia_under_the_skin_becomes_bone():
     assert np.isin(t[core], (MARROW, CORTEX)).all()
     assert not np.isin(t[void], (SAT, SKIN)).any()
     assert not np.isin(t[gap & (y < 0)], (MARROW, CORTEX)).any()  # the deep band is no bone
+
+
+def test_genitals_between_the_upper_thighs_are_no_leg(source_files):
+    """The organ blob lies between the legs on the proximal slices only, replaces background only, and is
+    labelled neither SAT nor muscle nor leg, so stage 1 learns to leave it out."""
+    from legcomp.phantom.generator import _lut
+    from legcomp.phantom.shapes import ORGAN
+    from legcomp.phantom.synth import _add_midline_organ
+
+    lm, mp, _ = source_files
+    src = load_source(lm, mp)
+    before, _, _ = build_tissues(src, np.random.default_rng(0), adiposity=0.5, resize_mm=0.0)
+    out = before.copy()
+    _add_midline_organ(out, *(float(v) for v in src.spacing[:2]), np.random.default_rng(1))
+    organ = out == ORGAN
+    assert organ.any()
+    assert (before[organ] == 0).all() and (out[~organ] == before[~organ]).all()
+    zs = np.nonzero(organ.any(axis=(0, 1)))[0]
+    assert zs.max() == out.shape[2] - 1 and zs.min() >= out.shape[2] // 2  # proximal slices (+z superior)
+    for k in zs:
+        xa = np.nonzero(((before[:, :, k] > 0) & (before[:, :, k] < LEG_STRIDE)).any(1))[0]
+        xb = np.nonzero((before[:, :, k] > LEG_STRIDE).any(1))[0]
+        xo = np.nonzero(organ[:, :, k].any(1))[0]
+        assert xa.min() < xo.mean() < xb.max()  # between the legs
+    for kind in ("stage1", "stage2", "legs"):
+        assert _lut(kind, "thigh")[ORGAN] == 0
+
+
+def test_synthesised_thigh_with_genitals_keeps_them_out_of_the_labels(source_files):
+    lm, mp, _ = source_files
+    src = load_source(lm, mp)
+    seed = next(s for s in range(50)  # a seed whose study draws the organ (half of them do)
+                if np.random.default_rng(np.random.SeedSequence([s, 7, sum(map(ord, src.name))]).spawn(7)[6]
+                                         ).random() < 0.5)
+    ph = synthesize(src, seed, spacing=SP, supersample=1, geometry=False)
+    bright_outside = (ph.legs == 0) & (ph.water > 0.5 * np.median(ph.water[ph.stage1 == anatomy.WHOLE_MUSCLE.id]))
+    assert bright_outside.sum() > 20  # the organ's water signal, outside every leg
+    assert (ph.stage1[bright_outside] == 0).all() and (ph.stage2[bright_outside] == 0).all()

@@ -23,7 +23,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.phantom import shapes
 from legcomp.phantom import signal as sig
 from legcomp.phantom.shapes import (CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, N_CODES, SAT, SAT_VESSEL, SKIN,
-                                    VESSEL)
+                                    ORGAN, VESSEL)
 
 DEFAULT_FOV_MM = {("thigh", 2): (432.0, 288.0, 200.0), ("calf", 2): (408.0, 264.0, 200.0),
                   ("thigh", 1): (240.0, 240.0, 200.0), ("calf", 1): (216.0, 216.0, 200.0)}
@@ -94,7 +94,7 @@ def _lut(kind: str, region: str) -> np.ndarray:
         for t in range(1, LEG_STRIDE):
             code = off + t
             if kind == "legs":
-                lut[code] = leg + 1
+                lut[code] = 0 if t == ORGAN else leg + 1
             elif kind == "stage1":
                 if t in (SKIN, SAT, SAT_VESSEL):
                     lut[code] = anatomy.SAT.id

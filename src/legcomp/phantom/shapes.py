@@ -24,10 +24,13 @@ from legcomp import anatomy
 BG, SKIN, SAT, SAT_VESSEL, FASCIA, IMAT, VESSEL, CORTEX, MARROW = range(9)
 MUSCLE0 = 9
 """A muscle with anatomy id ``k`` has tissue code ``MUSCLE0 + k``."""
+ORGAN = MUSCLE0
+"""Soft tissue outside the legs (genitals between the upper thighs): water signal, neither SAT nor muscle
+nor leg (the code ``MUSCLE0`` itself is no muscle's)."""
 LEG_STRIDE = 32
 N_CODES = 2 * LEG_STRIDE
 TISSUE_NAMES = {BG: "background", SKIN: "skin", SAT: "sat", SAT_VESSEL: "sat_vessel", FASCIA: "fascia",
-                IMAT: "intermuscular_fat", VESSEL: "vessel", CORTEX: "cortex", MARROW: "marrow"}
+                IMAT: "intermuscular_fat", VESSEL: "vessel", CORTEX: "cortex", MARROW: "marrow", ORGAN: "organ"}
 
 T_KEYS = np.linspace(0.0, 1.0, 6)
 """Keyframe positions along the leg (0 distal .. 1 proximal) of every z-varying table below."""

@@ -14,7 +14,7 @@ from scipy import ndimage, special
 
 from legcomp import anatomy
 from legcomp.phantom.shapes import (CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, N_CODES, SAT, SAT_VESSEL, SKIN,
-                                    VESSEL)
+                                    ORGAN, VESSEL)
 
 FF_MAX = 0.92
 """Fat fraction of fully fat-replaced muscle tissue."""
@@ -25,9 +25,9 @@ class TissueParams:
     """PD (relative to muscle) and FF (0-1) of every non-muscle tissue, plus the signal scale."""
 
     pd: dict = field(default_factory=lambda: {SKIN: 0.6, SAT: 1.45, SAT_VESSEL: 1.1, FASCIA: 0.3, IMAT: 1.4,
-                                              VESSEL: 1.15, CORTEX: 0.03, MARROW: 1.35})
+                                              VESSEL: 1.15, CORTEX: 0.03, MARROW: 1.35, ORGAN: 1.1})
     ff: dict = field(default_factory=lambda: {SKIN: 0.3, SAT: 0.88, SAT_VESSEL: 0.03, FASCIA: 0.3, IMAT: 0.87,
-                                              VESSEL: 0.02, CORTEX: 0.05, MARROW: 0.88})
+                                              VESSEL: 0.02, CORTEX: 0.05, MARROW: 0.88, ORGAN: 0.03})
     muscle_pd: float = 1.0
     texture: float = 0.04  # relative PD texture of muscle
     sat_septa: float = 0.5  # density 0..1 of fibrous septa in the SAT

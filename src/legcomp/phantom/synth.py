@@ -29,8 +29,8 @@ from legcomp.errors import LegcompInputError
 from legcomp.phantom import shapes
 from legcomp.phantom import signal as sig
 from legcomp.phantom.generator import Phantom, _truth, render_study
-from legcomp.phantom.shapes import (BG, CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, SAT, SAT_VESSEL, SKIN,
-                                    VESSEL)
+from legcomp.phantom.shapes import (BG, CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, ORGAN, SAT, SAT_VESSEL,
+                                    SKIN, VESSEL)
 
 OTHER_MUSCLE = LEG_STRIDE - 1
 """Tissue code of muscle that is none of the region's muscles (hip muscles, or a muscle the source
@@ -356,14 +356,47 @@ def _fill_gaps(codes2d: np.ndarray, free: np.ndarray, sx: float, sy: float, mm: 
     codes2d[sel] = codes2d[ii[sel], jj[sel]]
 
 
+def _add_midline_organ(out: np.ndarray, sx: float, sy: float, rng: np.random.Generator) -> None:
+    """Genitals between the upper thighs, in place on fine codes (x, y, z), +z superior: a blob of
+    :data:`ORGAN` in the gap between the two legs' outlines on the most proximal 15-45 % of slices,
+    where the thighs part in front, widest at the top. It fills background only, so it abuts both legs' skin
+    where they are close; stage 1 learns it is neither SAT nor muscle."""
+    nz = out.shape[2]
+    k0 = nz - max(1, int(round(nz * rng.uniform(0.15, 0.45))))
+    ry0, extra, fy = rng.uniform(15.0, 35.0), rng.uniform(2.0, 10.0), rng.uniform(0.4, 0.8)
+    xs = np.arange(out.shape[0]) * sx
+    ys = np.arange(out.shape[1]) * sy
+    for k in range(k0, nz):
+        o = out[:, :, k]
+        a, b = (o > 0) & (o < LEG_STRIDE), o > LEG_STRIDE
+        if not a.any() or not b.any():
+            continue
+        rows = np.nonzero(a.any(0) & b.any(0))[0]  # y rows holding both legs
+        if rows.size == 0:
+            continue
+        # where the thighs part in front: the row of the widest gap in the anterior part of their overlap
+        front = rows[rows >= rows.min() + fy * (rows.max() - rows.min())]
+        xa = np.array([np.nonzero(a[:, j])[0].max() for j in front]) * sx
+        xb = np.array([np.nonzero(b[:, j])[0].min() for j in front]) * sx
+        i = int(np.argmax(xb - xa))
+        t = 0.5 + 0.5 * (k - k0 + 1) / (nz - k0)  # tapers towards the thighs
+        cx, cy = 0.5 * (xa[i] + xb[i]), front[i] * sy
+        rx = min(max(0.5 * (xb[i] - xa[i]), 0.0) + extra * t, 45.0)
+        ry = ry0 * t
+        blob = ((xs[:, None] - cx) / rx) ** 2 + ((ys[None, :] - cy) / ry) ** 2 <= 1.0
+        o[blob & (o == BG)] = ORGAN
+
+
 def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float, resize_mm: float = 3.0,
                   septa: float = 0.5, vessels: bool = True, tissue_mm: float = 0.9,
-                  fill_gaps_mm: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  fill_gaps_mm: float | None = None, organ_rng: np.random.Generator | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Complete the anatomy of a source map: every tissue the phantom knows, per leg.
 
     The source is first brought to in-plane voxels of at least ``tissue_mm``; gaps between muscles up
     to ``fill_gaps_mm`` wide (default: drawn, about two source voxels) are closed by the nearest muscle
-    before septa and intermuscular fat are drawn. The deep fascia is the muscles' closed outline per leg
+    before septa and intermuscular fat are drawn. With ``organ_rng``, half the thighs get genitals between
+    the upper thighs (:func:`_add_midline_organ`). The deep fascia is the muscles' closed outline per leg
     (a calf's: also their convex hull per slice, so that the tibia, whose medial face no muscle covers,
     lies inside it and becomes bone instead of a notch of subcutaneous fat).
 
@@ -480,6 +513,8 @@ def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float,
                 v = disk2 & sel_s
                 o[v] = (SAT_VESSEL + off[v]).astype(np.uint8)
         out[:, :, k] = o
+    if organ_rng is not None and src.region == "thigh" and organ_rng.random() < 0.5:
+        _add_midline_organ(out, sx, sy, organ_rng)
     # distance to the nearest muscle border (where infiltration starts), for the signal model
     tissue = out % LEG_STRIDE
     border = ndimage.maximum_filter(out, footprint=np.ones((3, 3, 1), bool)) != \
@@ -514,7 +549,7 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     """
     region = source.region
     ss = np.random.SeedSequence([int(seed), 7, sum(map(ord, source.name))])
-    rng_opt, rng_geo, rng_fat, rng_tis, rng_noise, rng_field = [np.random.default_rng(s) for s in ss.spawn(6)]
+    rng_opt, rng_geo, rng_fat, rng_tis, rng_noise, rng_field, rng_org = [np.random.default_rng(s) for s in ss.spawn(7)]
     src_sp = source.spacing
     opts: dict = {"source": source.name, "seed": int(seed)}
     infiltration = float(rng_opt.choice([0.0, rng_opt.uniform(0, 0.3), rng_opt.uniform(0.2, 0.7),
@@ -542,7 +577,7 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     source = _thin_z(source, spacing[2], rng_geo if geometry else None)
     codes, gap, src_aff = build_tissues(source, rng_geo, adiposity=adiposity,
                                         resize_mm=3.0 if geometry else 0.0,
-                                        septa=float(rng_geo.uniform(0.0, 0.8)))
+                                        septa=float(rng_geo.uniform(0.0, 0.8)), organ_rng=rng_org)
     inv = np.linalg.inv(src_aff)
     # pose: output mm -> source world mm (rotation about the slice axis, per-axis scaling, elastic warp)
     theta = float(rng_geo.uniform(-0.25, 0.25)) if geometry else 0.0
@@ -604,6 +639,7 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
         mfat.alpha[c] = rng_fat.uniform(0, 2 * np.pi)
         mfat.target[c] = mfat.base[c] + mfat.diffuse[c]
     tp = sig.random_tissue_params(rng_tis)
+    tp.pd[ORGAN], tp.ff[ORGAN] = float(rng_org.uniform(0.4, 1.8)), float(rng_org.uniform(0.0, 0.08))
     muscle_codes = np.r_[MUSCLE0 + np.arange(1, len(anatomy.MUSCLES[region]) + 1), other]
     water, fat, stage1, stage2, legmap, counts, ffsum = render_study(
         anatomy_slice, region, aff, matrix, thick, s_xy, s_z, tp, mfat, muscle_codes, rng_field, opts, rng_noise)
