@@ -350,3 +350,22 @@ def test_quantify_files_leaves_the_hip_out_unless_asked(tmp_path):
     q = quantify_files(d, None, None, None)
     assert q.meta["hip"]["in_volumes"] is False
     assert quantify_files(d, None, None, None, keep_hip=True).meta["hip"]["in_volumes"] is True
+
+
+def test_training_crops_take_their_width_below_the_hip():
+    """Stage-2 training cases are cropped as the cascade crops at inference: the joined hip slices do not
+    widen a leg's box towards the midline (the leg discs are 24 voxels wide, the bridge reaches the midline)."""
+    from legcomp.preprocessing import inputs as prep
+    from legcomp.training.data import study_cases
+
+    fg = body()
+    st = study_of(fg, affine())
+    s1 = stage1_of(fg)
+    st.labels["stage1"] = s1
+    st.labels["stage2"] = np.where(s1 == anatomy.WHOLE_MUSCLE.id, 1, 0).astype(np.uint8)
+    cases = study_cases(st, 2, "thigh", spacing=(*SPACING[:2], None))
+    m = int(np.ceil(prep.LEG_MARGIN_MM / SPACING[0]))
+    muscle_width = int(ndimage.binary_erosion(body()[..., 0], structure=np.ones((5, 5), bool)).any(1)[:42].sum())
+    assert len(cases) == 2
+    for c in cases:
+        assert c["image"].shape[1] == min(muscle_width + 2 * m, 42 + m)  # x extent: the leg, not half the bridge

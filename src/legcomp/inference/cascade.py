@@ -27,7 +27,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
 from legcomp.models import bundled_weights_dir, load_weights, weights_file_name
 from legcomp.preprocessing import inputs as prep
-from legcomp.preprocessing.legs import HIP_LEVEL, side_from_muscles, slice_levels, split_legs
+from legcomp.preprocessing.legs import hip_slices, side_from_muscles, split_legs
 
 INFERENCE_ROI_MAX = (320, 320, 48)
 """Largest sliding window (voxels x, y, z) at inference; bounds memory whatever the image size."""
@@ -195,7 +195,7 @@ class Cascade:
         legs_work = prep.labels_to_working(legs, study, work)
         # hip/pelvis slices (legs joined above the thighs) do not set the crop boxes' width: the
         # network was trained on crops of legs, not of half a pelvis
-        hip = np.array([lv == HIP_LEVEL for lv in slice_levels(split.coverage, self.region)], np.uint8)
+        hip = hip_slices(split.coverage, self.region).astype(np.uint8)
         hip_work = prep.resample(hip[None, None, :], (1, 1, work.shape[2]), 0)[0, 0] > 0  # z only
         image = prep.stage2_input(work, s1_work if self.stage2.meta.get("with_stage1") else None,
                                   method=prep.normalisation_of(self.stage2.meta))

@@ -359,6 +359,11 @@ def slice_levels(coverage: tuple[str, ...] | list[str], region: str | None) -> t
     return tuple(out)
 
 
+def hip_slices(coverage: tuple[str, ...] | list[str], region: str | None) -> np.ndarray:
+    """bool per slice (z): the :data:`HIP_LEVEL` slices of :func:`slice_levels`."""
+    return np.array([lv == HIP_LEVEL for lv in slice_levels(coverage, region)], bool)
+
+
 def input_slice_index(input_affine: np.ndarray | None, nz: int) -> tuple[int | None, np.ndarray]:
     """(input axis, index along it) of each canonical slice z (inferior to superior): which axis of
     the input file runs along z and, for every canonical z, the input's slice index (flipped

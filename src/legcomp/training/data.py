@@ -29,6 +29,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.io import find_studies, read_study
 from legcomp.io.study import DixonStudy
 from legcomp.preprocessing import inputs as prep
+from legcomp.preprocessing.legs import hip_slices, split_legs
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,11 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
     s1 = work.labels["stage1"]
     legs = _leg_map(work)
     image = prep.stage2_input(work, s1 if with_stage1 else None, method=normalisation)
+    # as at inference, hip/pelvis slices (legs joined above the thighs) do not set the crop boxes' width
+    hip = hip_slices(split_legs(np.isin(s1, (anatomy.SAT.id, anatomy.WHOLE_MUSCLE.id)), work.affine).coverage, region)
     cases = []
     for leg_id in sorted(anatomy.LEGS):
-        box = prep.leg_crop_box(s1, legs, leg_id, work.spacing, margin_mm)
+        box = prep.leg_crop_box(s1, legs, leg_id, work.spacing, margin_mm, skip_slices=hip)
         if box is None:
             continue
         img = prep.crop(image, box)
