@@ -36,6 +36,8 @@ HELD_OUT = {"huashan_thigh_001": ["THIGH_061"]}
 ANTERIOR = ("tibialis_anterior", "extensor_hallucis_digitorum_longus")
 POSTERIOR = ("gastrocnemius_medialis", "gastrocnemius_lateralis", "soleus")
 DEEP = ("flexor_digitorum_longus", "flexor_hallucis_longus", "tibialis_posterior")
+MIDLINE_MM = 30.0
+"""Half-width (mm) of the band about the body midline where a thigh holds no muscle (below the hip)."""
 
 
 def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
@@ -75,10 +77,23 @@ def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
     if len(pairs) >= 3:
         from scipy.stats import spearmanr
         out["confidence_dsc_spearman"] = round(float(spearmanr(*zip(*pairs)).statistic), 3)
+    # stage-1 muscle near the body midline on the slices below the hip: between the thighs, where the
+    # genitals lie and no thigh muscle does (the reference's muscle there is printed beside it as a check)
+    from legcomp.preprocessing.legs import hip_slices, split_legs
+    split = split_legs(s1 > 0, study.affine)
+    hip = hip_slices(split.coverage, "thigh")
+    mid_x = np.where(np.isfinite(split.midline_x), split.midline_x, np.nanmedian(split.midline_x))
+    x_mm = np.abs(np.arange(study.shape[0])[:, None] - mid_x[None, :]) * study.spacing[0]  # (x, z)
+    midline = (x_mm < MIDLINE_MM)[:, None, :] & ~hip[None, None, :]
+    midline = np.broadcast_to(midline, study.shape)
+    out["midline_ml"] = {"stage1_muscle": round(float(((s1 == anatomy.WHOLE_MUSCLE.id) & midline).sum()
+                                                      * study.voxel_volume_ml), 1),
+                         "reference_muscle": round(float(((ref > 0) & midline).sum() * study.voxel_volume_ml), 1)}
     for i, leg in anatomy.LEGS.items():
         sel = (legs == i) & lab_z
         mus = (s1 == anatomy.WHOLE_MUSCLE.id) & (legs == i)
         out["legs"][leg] = {
+            "reference_muscle_in_stage1_muscle": round(float((mus & sel & (ref > 0)).sum() / max(1, (sel & (ref > 0)).sum())), 4),
             "mean_muscle_dsc": round(float(np.mean([out["muscles"][m][leg] for m in out["muscles"]])), 4),
             "whole_muscle_vs_reference_union": round(dice(s1[sel] == anatomy.WHOLE_MUSCLE.id, ref[sel] > 0), 4),
             "stage1_muscle_without_label": round(float((mus & (s2 == 0)).sum() / max(1, mus.sum())), 4),
@@ -139,12 +154,17 @@ def print_tables(thigh: dict | None, calf: dict | None, title: str) -> None:
         print(f"| **mean over muscles** | **{L['mean_muscle_dsc']:.3f}** | **{R['mean_muscle_dsc']:.3f}** |")
         print(f"| whole muscle vs union of reference muscles | {L['whole_muscle_vs_reference_union']:.3f} | "
               f"{R['whole_muscle_vs_reference_union']:.3f} |")
+        print(f"| reference muscle inside stage-1 muscle (labelled slices) | "
+              f"{L['reference_muscle_in_stage1_muscle']:.1%} | {R['reference_muscle_in_stage1_muscle']:.1%} |")
         print(f"| stage-1 muscle without a muscle label (all slices) | {L['stage1_muscle_without_label']:.1%} | "
               f"{R['stage1_muscle_without_label']:.1%} |")
         print(f"| the same, labelled slices only | {L['stage1_muscle_without_label_labelled_slices']:.1%} | "
               f"{R['stage1_muscle_without_label_labelled_slices']:.1%} |")
         print(f"| (the reference's own share there) | {L['reference_without_label_labelled_slices']:.1%} | "
               f"{R['reference_without_label_labelled_slices']:.1%} |")
+        mid = thigh["midline_ml"]
+        print(f"\nStage-1 muscle within {MIDLINE_MM:.0f} mm of the body midline below the hip (between the thighs): "
+              f"{mid['stage1_muscle']:.1f} mL (reference muscle there: {mid['reference_muscle']:.1f} mL)")
         if "confidence_dsc_spearman" in thigh:
             print(f"\nSpearman correlation of the network's confidence with DSC over muscles and legs: "
                   f"{thigh['confidence_dsc_spearman']:+.2f}")
