@@ -37,7 +37,7 @@ HELD_OUT = {"huashan_thigh_001": ["THIGH_061"]}
 ANTERIOR = ("tibialis_anterior", "extensor_hallucis_digitorum_longus")
 POSTERIOR = ("gastrocnemius_medialis", "gastrocnemius_lateralis", "soleus")
 DEEP = ("flexor_digitorum_longus", "flexor_hallucis_longus", "tibialis_posterior")
-MIDLINE_MM = 30.0
+MIDLINE_MM = 15.0
 """Half-width (mm) of the band about the body midline where a thigh holds no muscle (below the hip)."""
 
 
