@@ -94,7 +94,8 @@ def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
         sel = (legs == i) & lab_z
         mus = (s1 == anatomy.WHOLE_MUSCLE.id) & (legs == i)
         out["legs"][leg] = {
-            "reference_muscle_in_stage1_muscle": round(float((mus & sel & (ref > 0)).sum() / max(1, (sel & (ref > 0)).sum())), 4),
+            "reference_muscle_in_stage1_muscle": round(
+                float((mus & sel & (ref > 0)).sum() / max(1, (sel & (ref > 0)).sum())), 4),
             "mean_muscle_dsc": round(float(np.mean([out["muscles"][m][leg] for m in out["muscles"]])), 4),
             "whole_muscle_vs_reference_union": round(dice(s1[sel] == anatomy.WHOLE_MUSCLE.id, ref[sel] > 0), 4),
             "stage1_muscle_without_label": round(float((mus & (s2 == 0)).sum() / max(1, mus.sum())), 4),
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
             cs, c1, c2 = calf["_arrays"]
             save_overlay(cs.water, cs.fat, c1, c2, "calf", cs.spacing, docs / "realdata_calf.png",
                          title="qmritools_calf (real, healthy)")
-    res = {"weights": str(weights or "bundled"), "huashan_thigh_001_in_training": bool(a.seen), "thigh": {k: v for k, v in thigh.items() if k != "_arrays"},
+    res = {"weights": str(weights or "bundled"), "huashan_thigh_001_in_training": bool(a.seen),
+           "thigh": {k: v for k, v in thigh.items() if k != "_arrays"},
            "calf": None if calf is None else {k: v for k, v in calf.items() if k != "_arrays"}}
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

@@ -359,8 +359,8 @@ def _fill_gaps(codes2d: np.ndarray, free: np.ndarray, sx: float, sy: float, mm: 
 def _add_midline_organ(out: np.ndarray, sx: float, sy: float, rng: np.random.Generator) -> None:
     """Genitals between the upper thighs, in place on fine codes (x, y, z), +z superior: a blob of
     :data:`ORGAN` in the gap between the two legs' outlines on the most proximal 15-45 % of slices,
-    where the thighs part in front, widest at the top. It fills background only, so it abuts both legs' skin
-    where they are close; stage 1 learns it is neither SAT nor muscle."""
+    where the thighs part in front, widest at the top. It fills background only, so it abuts both
+    legs' skin where they are close; stage 1 learns it is neither SAT nor muscle."""
     nz = out.shape[2]
     k0 = nz - max(1, int(round(nz * rng.uniform(0.15, 0.45))))
     ry0, extra, fy = rng.uniform(15.0, 35.0), rng.uniform(2.0, 10.0), rng.uniform(0.4, 0.8)
@@ -578,6 +578,7 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     codes, gap, src_aff = build_tissues(source, rng_geo, adiposity=adiposity,
                                         resize_mm=3.0 if geometry else 0.0,
                                         septa=float(rng_geo.uniform(0.0, 0.8)), organ_rng=rng_org)
+    opts["genitals"] = bool((codes == ORGAN).any())
     inv = np.linalg.inv(src_aff)
     # pose: output mm -> source world mm (rotation about the slice axis, per-axis scaling, elastic warp)
     theta = float(rng_geo.uniform(-0.25, 0.25)) if geometry else 0.0
