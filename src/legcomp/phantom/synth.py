@@ -256,11 +256,9 @@ def _pick_bones(gaps: np.ndarray, sx: float, sy: float, region: str) -> np.ndarr
     if n == 0:
         return np.zeros_like(gaps)
     idx = np.arange(1, n + 1)
-    area = ndimage.sum_labels(np.ones_like(lab), lab, idx) * sx * sy
     inner = _edt2d(core[:, :, None], sx, sy)[:, :, 0]
-    rmax = ndimage.maximum(inner, lab, idx)  # radius of the largest inscribed disk, mm
-    compact = np.pi * np.asarray(rmax) ** 2 / np.maximum(area, 1e-6)  # 1 for a disk, small for slivers
-    lab, area, compact = _round_cores(lab, inner, idx, np.asarray(rmax), area, compact, sx, sy)
+    rmax = np.asarray(ndimage.maximum(inner, lab, idx))  # radius of the largest inscribed disk, mm
+    lab, area, compact = _round_cores(lab, inner, idx, rmax, sx, sy)
     min_area, n_bones = (150.0, 1) if region == "thigh" else (25.0, 2)
     ok = (area >= min_area) & (compact >= 0.3)
     chosen = idx[ok][np.argsort(-(area[ok] * compact[ok]))][:n_bones]
@@ -290,23 +288,23 @@ def _convex_hull_2d(mask: np.ndarray) -> np.ndarray:
     return out | mask
 
 
-def _round_cores(lab: np.ndarray, inner: np.ndarray, idx: np.ndarray, rmax: np.ndarray, area: np.ndarray,
-                 compact: np.ndarray, sx: float, sy: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _round_cores(lab: np.ndarray, inner: np.ndarray, idx: np.ndarray, rmax: np.ndarray, sx: float, sy: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each gap cut back to the round core around its thickest point (the voxels at least half its
-    largest inscribed radius deep, grown back by that half radius), so that a bone's void merged with an
-    unlabelled region beside it (the calf's tibia with the deep posterior gap) loses that region."""
+    largest inscribed radius ``rmax`` deep, grown back by that half radius), so that a bone's void
+    merged with an unlabelled region beside it (the calf's tibia with the deep posterior gap) loses
+    that region. Returns the cut labels, each core's area (mm^2) and compactness (pi rmax^2 / area:
+    1 for a disk, small for slivers)."""
     lab = lab.copy()
-    area, compact = area.astype(float).copy(), compact.copy()
+    area = np.zeros(len(idx))
     for n, (i, r) in enumerate(zip(idx, rmax)):
-        if r <= 0:
-            continue
         comp = lab == i
         deep, _ = ndimage.label(comp & (inner >= 0.5 * r))
         top = deep[np.unravel_index(np.argmax(np.where(comp, inner, -1.0)), inner.shape)]
         blob = ndimage.binary_dilation(deep == top, structure=_disk(0.5 * r, sx, sy)[:, :, 0]) & comp
         lab[comp & ~blob] = 0
         area[n] = blob.sum() * sx * sy
-        compact[n] = np.pi * r ** 2 / max(area[n], 1e-6)
+    compact = np.pi * rmax ** 2 / np.maximum(area, 1e-6)
     return lab, area, compact
 
 

@@ -114,7 +114,8 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
     legs = _leg_map(work)
     image = prep.stage2_input(work, s1 if with_stage1 else None, method=normalisation)
     # as at inference, hip/pelvis slices (legs joined above the thighs) do not set the crop boxes' width
-    hip = hip_slices(split_legs(np.isin(s1, (anatomy.SAT.id, anatomy.WHOLE_MUSCLE.id)), work.affine).coverage, region)
+    body = np.isin(s1, (anatomy.SAT.id, anatomy.WHOLE_MUSCLE.id))
+    hip = hip_slices(split_legs(body, work.affine).coverage, region)
     cases = []
     for leg_id in sorted(anatomy.LEGS):
         box = prep.leg_crop_box(s1, legs, leg_id, work.spacing, margin_mm, skip_slices=hip)
