@@ -90,6 +90,40 @@ def test_ignore_voxels_do_not_contribute(kind):
     assert float(fn(x, torch.full_like(y, anatomy.IGNORE), classes)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+def test_unnamed_muscle_is_learnt_as_one_of_the_unlabelled_muscles(kind):
+    # UNNAMED_MUSCLE voxels of a sample that lacks classes 2 and 3: their mass moves to 2 + 3 (however
+    # split), away from background and the labelled class; in a sample labelling everything they are left out
+    target = torch.zeros(1, 1, 4, 4, 2, dtype=torch.long)
+    target[..., :2, :, :] = 1
+    target[..., 3:, :, :] = anatomy.UNNAMED_MUSCLE
+    un = target[0, 0] == anatomy.UNNAMED_MUSCLE
+    lacks = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    fn = PartialLabelLoss(kind)
+
+    logits = torch.zeros(1, 4, 4, 4, 2, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(100):
+        opt.zero_grad()
+        fn(logits, target, lacks).backward()
+        opt.step()
+    p = torch.softmax(logits.detach(), 1)[0]
+    assert float((p[2] + p[3])[un].min()) > 0.9
+    assert float(p[0][un].max()) < 0.05 and float(p[1][un].max()) < 0.05
+    # the loss sees only the sum of the unlabelled classes' mass, not how it is split between them
+    x = torch.randn(1, 4, 4, 4, 2)
+    y = x.clone()
+    y[:, 2], y[:, 3] = x[:, 3], x[:, 2]
+    assert abs(float(fn(x, target, lacks)) - float(fn(y, target, lacks))) < 1e-6
+    # every class labelled: the voxels are left out (as IGNORE)
+    ign = torch.where(target == anatomy.UNNAMED_MUSCLE, torch.full_like(target, anatomy.IGNORE), target)
+    assert abs(float(fn(x, target, torch.ones(1, 4))) - float(fn(x, ign, torch.ones(1, 4)))) < 1e-6
+    # a batch mixing both kinds of sample keeps finite gradients
+    xb = torch.randn(2, 4, 4, 4, 2, requires_grad=True)
+    fn(xb, target.expand(2, -1, -1, -1, -1), torch.cat([lacks, torch.ones(1, 4)])).backward()
+    assert torch.isfinite(xb.grad).all() and float(xb.grad[1][:, un].abs().max()) == 0.0
+
+
 def _partial_study(tmp_path, record=None):
     p = write_toy_cohort(tmp_path, 1, shape=(32, 16, 4))[0]
     study = read_study(p)

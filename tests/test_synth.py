@@ -202,6 +202,38 @@ def test_calf_tibia_under_the_skin_becomes_bone():
     assert not np.isin(t[gap & (y < 0)], (MARROW, CORTEX)).any()  # the deep band is no bone
 
 
+def test_thick_gap_of_a_map_lacking_muscles_is_unnamed_muscle():
+    """A calf map that lacks the deep posterior muscles and leaves their place empty: the thick gap is
+    muscle in stage 1 and "one of the unlabelled muscles" (UNNAMED_MUSCLE) in stage 2, never background;
+    the same map naming every muscle draws none."""
+    from legcomp.phantom.shapes import MUSCLE0
+    from legcomp.phantom.synth import SourceMap
+
+    n, sp = 80, 1.0
+    x, y = np.meshgrid((np.arange(n) - n / 2) * sp, (np.arange(n) - n / 2) * sp, indexing="ij")
+    limb = np.hypot(x, y) <= 30
+    hole = np.hypot(x, y + 5) <= 9  # an unlabelled 18 mm gap in the middle of the muscles
+    ids = [lb.id for lb in anatomy.CALF_MUSCLES]
+    sl = np.zeros((n, n), np.uint8)
+    ang = np.arctan2(y, x)
+    sl[limb] = MUSCLE0 + np.asarray(ids)[((ang[limb] + np.pi) / (2 * np.pi) * 3).astype(int) % 3]
+    sl[hole] = 0
+    sl[np.hypot(x, y - 20) <= 8] = MARROW  # the map's own tibia
+    codes = np.repeat(np.concatenate([sl, sl[::-1]], axis=0)[:, :, None], 4, axis=2)
+    aff = np.diag([sp, sp, 10.0, 1.0])
+    kw = dict(spacing=(2.0, 2.0, 10.0), supersample=1, geometry=False)
+    lacking = SourceMap(codes=codes, affine=aff, region="calf", name="c", has_bone=True,
+                        unlabelled=[lb.name for lb in anatomy.CALF_MUSCLES[3:]])
+    ph = synthesize(lacking, 0, **kw)
+    un = ph.stage2 == anatomy.UNNAMED_MUSCLE
+    assert un.sum() * 4 > 0.3 * hole.sum() * 2 * 4  # most of the two legs' gaps (2 mm voxels)
+    assert (ph.stage1[un] == anatomy.WHOLE_MUSCLE.id).all()
+    assert ph.truth["label_record"]["stage2"]["unlabelled"] == lacking.unlabelled
+    ph_all = synthesize(SourceMap(codes=codes, affine=aff, region="calf", name="c", has_bone=True, unlabelled=[]),
+                        0, **kw)
+    assert not (ph_all.stage2 == anatomy.UNNAMED_MUSCLE).any()
+
+
 def test_genitals_between_the_upper_thighs_are_no_leg(source_files):
     """The organ blob lies between the legs on the proximal slices only, replaces background only, and is
     labelled neither SAT nor muscle nor leg, so stage 1 learns to leave it out."""

@@ -31,6 +31,11 @@ IGNORE: int = 255
 """Label value of voxels that carry no label (training data only: slices a source leaves
 unlabelled, e.g. the hip slices of a thigh map). Training leaves them out of the loss."""
 
+UNNAMED_MUSCLE: int = 254
+"""Stage-2 label value of muscle that is one of the muscles a study does not label (training data
+only: e.g. the deep posterior gap a calf map leaves where flexor digitorum and hallucis longus lie).
+Training learns it as one of the study's unlabelled muscles: neither background nor a labelled one."""
+
 LABEL_RECORD = "label_record.json"
 """File name, in a training study's folder, of its label record: which structures its label maps
 do not label, per stage, e.g. ``{"stage2": {"unlabelled": ["adductor_longus"]}}`` (names from this

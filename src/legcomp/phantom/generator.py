@@ -23,7 +23,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.phantom import shapes
 from legcomp.phantom import signal as sig
 from legcomp.phantom.shapes import (CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, N_CODES, SAT, SAT_VESSEL, SKIN,
-                                    ORGAN, VESSEL)
+                                    ORGAN, UNNAMED, VESSEL)
 
 DEFAULT_FOV_MM = {("thigh", 2): (432.0, 288.0, 200.0), ("calf", 2): (408.0, 264.0, 200.0),
                   ("thigh", 1): (240.0, 240.0, 200.0), ("calf", 1): (216.0, 216.0, 200.0)}
@@ -102,6 +102,8 @@ def _lut(kind: str, region: str) -> np.ndarray:
                     lut[code] = anatomy.WHOLE_MUSCLE.id
             elif kind == "stage2" and t > MUSCLE0 and t - MUSCLE0 <= len(anatomy.MUSCLES[region]):
                 lut[code] = t - MUSCLE0
+            elif kind == "stage2" and t == UNNAMED:
+                lut[code] = anatomy.UNNAMED_MUSCLE
     return lut
 
 
@@ -359,7 +361,8 @@ def _truth(region: str, counts: np.ndarray, ffsum: np.ndarray, sub_ml: float, st
     """Exact per-leg volumes (mL) and fat (mL, fraction) from the supersampled model and the label maps;
     ``inter_codes``: tissue codes of whole muscle outside the individual muscles."""
     muscles = anatomy.MUSCLES[region]
-    lab_counts = np.bincount((legmap.astype(np.int64) * 64 + stage2).ravel(), minlength=3 * 64).reshape(3, 64)
+    named = np.where(stage2 == anatomy.UNNAMED_MUSCLE, 0, stage2).astype(np.int64)
+    lab_counts = np.bincount((legmap.astype(np.int64) * 64 + named).ravel(), minlength=3 * 64).reshape(3, 64)
     s1_counts = np.bincount((legmap.astype(np.int64) * 4 + stage1).ravel(), minlength=12).reshape(3, 4)
     out: dict = {"voxel_volume_ml": vox_ml, "subvoxel_volume_ml": sub_ml, "legs": {}}
     tot: dict = {}

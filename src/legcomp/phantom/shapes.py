@@ -28,6 +28,9 @@ ORGAN = MUSCLE0
 """Soft tissue outside the legs (genitals between the upper thighs): water signal, neither SAT nor muscle
 nor leg (the code ``MUSCLE0`` itself is no muscle's)."""
 LEG_STRIDE = 32
+UNNAMED = LEG_STRIDE - 2
+"""Muscle that is one of the muscles a synthesised study's source map does not label (label-driven
+synthesis only): muscle signal, whole muscle in stage 1, :data:`legcomp.anatomy.UNNAMED_MUSCLE` in stage 2."""
 N_CODES = 2 * LEG_STRIDE
 TISSUE_NAMES = {BG: "background", SKIN: "skin", SAT: "sat", SAT_VESSEL: "sat_vessel", FASCIA: "fascia",
                 IMAT: "intermuscular_fat", VESSEL: "vessel", CORTEX: "cortex", MARROW: "marrow", ORGAN: "organ"}

@@ -30,11 +30,12 @@ from legcomp.phantom import shapes
 from legcomp.phantom import signal as sig
 from legcomp.phantom.generator import Phantom, _truth, render_study
 from legcomp.phantom.shapes import (BG, CORTEX, FASCIA, IMAT, LEG_STRIDE, MARROW, MUSCLE0, ORGAN, SAT, SAT_VESSEL,
-                                    SKIN, VESSEL)
+                                    SKIN, UNNAMED, VESSEL)
 
 OTHER_MUSCLE = LEG_STRIDE - 1
-"""Tissue code of muscle that is none of the region's muscles (hip muscles, or a muscle the source
-does not label): muscle signal, whole muscle in stage 1, background in stage 2."""
+"""Tissue code of muscle that is none of the region's muscles (hip muscles; a source label the mapping
+does not name): muscle signal, whole muscle in stage 1, background in stage 2. Thick unlabelled gaps
+of a map that lacks some of the region's muscles are :data:`legcomp.phantom.shapes.UNNAMED` instead."""
 
 _BONE_WORDS = re.compile(r"femur|tibia|fibula|ilium|sacrum|patella|bone|pelvis|ischium|pubis", re.IGNORECASE)
 
@@ -447,7 +448,7 @@ def build_tissues(src: SourceMap, rng: np.random.Generator, *, adiposity: float,
         leg_codes[rest] = IMAT
         if unl_muscles:  # thick gaps of a map that lacks muscles: most likely those muscles
             thick = ndimage.binary_opening(rest, structure=_disk(3.0, sx, sy)) & (_edt2d(rest, sx, sy) > 1.5)
-            leg_codes[thick] = OTHER_MUSCLE
+            leg_codes[thick] = UNNAMED
         if bone.any():
             cort = float(rng.uniform(1.5, 5.0))
             leg_codes[bone] = MARROW
@@ -630,21 +631,26 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     spec = shapes.REGION_SPECS[region]
     mfat = sig.sample_muscle_fat(region, rng_fat, infiltration, spec.susceptibility, True, selective)
     other = OTHER_MUSCLE
-    for leg in (0, 1):  # muscle the region's list does not hold: its own healthy-to-infiltrated fat
+    for leg in (0, 1):  # muscle the region's list does not hold or the map does not name: its own fat
         c = LEG_STRIDE * leg + other
         mfat.base[c] = rng_fat.uniform(0.02, 0.08)
         mfat.diffuse[c] = rng_fat.uniform(0.0, 0.3) * infiltration
         mfat.frac[c] = float(np.clip(rng_fat.uniform(0, 1) * infiltration, 0, 1))
         mfat.alpha[c] = rng_fat.uniform(0, 2 * np.pi)
         mfat.target[c] = mfat.base[c] + mfat.diffuse[c]
+        u = LEG_STRIDE * leg + UNNAMED  # the same fat as the other muscle (drawn before UNNAMED existed)
+        mfat.base[u], mfat.diffuse[u], mfat.frac[u] = mfat.base[c], mfat.diffuse[c], mfat.frac[c]
+        mfat.alpha[u], mfat.target[u] = mfat.alpha[c], mfat.target[c]
     tp = sig.random_tissue_params(rng_tis)
     tp.pd[ORGAN], tp.ff[ORGAN] = float(rng_org.uniform(0.4, 1.8)), float(rng_org.uniform(0.0, 0.08))
     muscle_codes = np.r_[MUSCLE0 + np.arange(1, len(anatomy.MUSCLES[region]) + 1), other]
+    if source.unlabelled:  # build_tissues draws unnamed muscle only for a map that lacks muscles
+        muscle_codes = np.r_[muscle_codes, UNNAMED]
     water, fat, stage1, stage2, legmap, counts, ffsum = render_study(
         anatomy_slice, region, aff, matrix, thick, s_xy, s_z, tp, mfat, muscle_codes, rng_field, opts, rng_noise)
     sub_ml = float(np.prod(spacing)) / (s_xy * s_xy * s_z) / 1000.0
     truth = _truth(region, counts, ffsum, sub_ml, stage1, stage2, legmap, float(np.prod(spacing)) / 1000.0, mfat,
-                   inter_codes=(FASCIA, IMAT, VESSEL, other))
+                   inter_codes=(FASCIA, IMAT, VESSEL, other, UNNAMED))
     truth = {"region": region, "seed": int(seed), "options": opts, **truth}
     record = {"source": source.name, "stage1": {"unlabelled": []},
               "stage2": {"unlabelled": list(source.unlabelled)}}

@@ -100,11 +100,12 @@ def study_cases(study: DixonStudy, stage: int, region: str, *, spacing=None, wit
             raise LegcompInputError(f"study has no {key} label map", study.source or study.name)
     n_cls = anatomy.n_classes(stage, region)
     key = "stage1" if stage == 1 else "stage2"
-    lab_ids = study.labels[key][study.labels[key] != anatomy.IGNORE]
+    lab_ids = study.labels[key][~np.isin(study.labels[key], (anatomy.IGNORE, anatomy.UNNAMED_MUSCLE))]
     top = int(lab_ids.max()) if lab_ids.size else 0
     if top >= n_cls:
         raise LegcompInputError(f"{key} labels go up to {top} but {region} stage {stage} has {n_cls - 1} structures "
-                                f"(and {anatomy.IGNORE} = no label)", study.source or study.name)
+                                f"(and {anatomy.IGNORE} = no label, {anatomy.UNNAMED_MUSCLE} = an unlabelled muscle)",
+                                study.source or study.name)
     classes = class_vector(study, stage, region)
     work = prep.to_working(study, spacing)
     if stage == 1:

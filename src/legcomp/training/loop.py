@@ -110,7 +110,8 @@ def validate(model: torch.nn.Module, cases: Sequence[dict], n_classes: int, patc
 
     The DSC is ``legcomp evaluate``'s (:func:`legcomp.evaluation.metrics.dice_from_confusion`): NaN
     where the structure is absent from both the prediction and the reference; NaN too where the
-    case does not label it (its ``classes``); :data:`legcomp.anatomy.IGNORE` voxels are left out.
+    case does not label it (its ``classes``); :data:`legcomp.anatomy.IGNORE` and
+    :data:`legcomp.anatomy.UNNAMED_MUSCLE` voxels are left out.
     """
     from monai.inferers import sliding_window_inference
 
@@ -127,7 +128,7 @@ def validate(model: torch.nn.Module, cases: Sequence[dict], n_classes: int, patc
             nx, ny, nz = case["label"].shape[1:]
             pred = logits[0].argmax(0)[:nx, :ny, :nz].to(torch.uint8).cpu().numpy()
             ref = np.asarray(case["label"][0])
-            keep = ref != anatomy.IGNORE
+            keep = (ref != anatomy.IGNORE) & (ref != anatomy.UNNAMED_MUSCLE)
             row = dice_from_confusion(confusion(pred[keep], ref[keep], n_classes))[1:n_classes]
             if "classes" in case:
                 row = np.where(np.asarray(case["classes"])[1:] > 0.5, row, np.nan)

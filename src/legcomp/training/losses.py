@@ -11,7 +11,9 @@ labelled), each sample's probabilities are merged:
 * ``p'_c = p_c`` for labelled classes, ``p'_c = 0`` for unlabelled ones.
 
 Voxels whose target is :data:`legcomp.anatomy.IGNORE` (or a class the sample does not label) are
-left out of both terms. Then, ``t`` being the target class and ``V`` the kept voxels of the batch:
+left out of both terms. Voxels whose target is :data:`legcomp.anatomy.UNNAMED_MUSCLE` ("one of the
+muscles this sample does not label") enter the second term only, with ``p'_t = sum_{c unlabelled} p_c``
+(left out where the sample labels every class). Then, ``t`` being the target class and ``V`` the kept voxels of the batch:
 
 * ``dicece``: ``DiceLoss(p' * m, onehot(t) * m) + CE``, ``CE = -1/|V| sum_V log p'_t``;
 * ``dicefocal``: ``DiceLoss(p' * m, onehot(t) * m) + FL``, ``FL = -1/|V| sum_V (1 - p'_t)^gamma log p'_t``
@@ -44,7 +46,7 @@ class PartialLabelLoss(torch.nn.Module):
     """
 
     def __init__(self, kind: str = "dicece", gamma: float = 2.0, ignore_index: int = anatomy.IGNORE,
-                 smooth: float = 1e-5):
+                 smooth: float = 1e-5, unnamed_index: int = anatomy.UNNAMED_MUSCLE):
         super().__init__()
         from monai.losses import DiceLoss
 
@@ -53,6 +55,7 @@ class PartialLabelLoss(torch.nn.Module):
         self.kind = kind
         self.gamma = float(gamma)
         self.ignore_index = int(ignore_index)
+        self.unnamed_index = int(unnamed_index)
         self.dice = DiceLoss(include_background=True, to_onehot_y=False, softmax=False, batch=True,
                              smooth_nr=smooth, smooth_dr=smooth)
 
@@ -61,7 +64,8 @@ class PartialLabelLoss(torch.nn.Module):
 
         Args:
             logits: float (B, C, x, y, z) network output (before softmax).
-            target: integer (B, 1, x, y, z) class ids, ``ignore_index`` where unlabelled.
+            target: integer (B, 1, x, y, z) class ids, ``ignore_index`` where unlabelled,
+                ``unnamed_index`` where one of the sample's unlabelled classes.
             classes: float/bool (B, C), 1 for the classes each sample labels; None = all labelled.
         """
         logits = logits.float()
@@ -84,20 +88,31 @@ class PartialLabelLoss(torch.nn.Module):
         t = target.long()
         if t.ndim == logits.ndim - 1:
             t = t[:, None]
-        keep = t != self.ignore_index
+        # "one of the unlabelled muscles": scored on the summed mass of the sample's unlabelled classes
+        unl_v = (~lab_v).clone()
+        unl_v[:, :1] = False
+        unnamed = (t == self.unnamed_index) & unl_v.any(dim=1, keepdim=True)
+        keep = (t != self.ignore_index) & (t != self.unnamed_index)
         t0 = torch.where(keep, t, torch.zeros_like(t))
         keep = keep & torch.gather(lab_v.expand(-1, -1, *t.shape[2:]), 1, t0)  # a target the sample does not label
         t0 = torch.where(keep, t0, torch.zeros_like(t0))
         m = keep.to(logits.dtype)
-        n_keep = m.sum().clamp(min=1.0)
+        scored = keep | unnamed
+        n_keep = scored.to(logits.dtype).sum().clamp(min=1.0)
 
         logp_t = torch.gather(logp, 1, t0)
-        logp_t = torch.where(keep, logp_t, torch.zeros_like(logp_t))  # also keeps -inf out of the sums
+        if bool(unnamed.any()):
+            # a sample without unlabelled classes sums over background instead (never used; keeps the
+            # log-sum-exp of all -inf, whose gradient is NaN, out of the graph)
+            sel = torch.where(unl_v.any(dim=1, keepdim=True), unl_v, merge_v)
+            log_unl = torch.logsumexp(torch.where(sel, logits, neg_inf), dim=1, keepdim=True) - lse
+            logp_t = torch.where(unnamed, log_unl, logp_t)
+        logp_t = torch.where(scored, logp_t, torch.zeros_like(logp_t))  # also keeps -inf out of the sums
         if self.kind == "dicece":
-            second = -(logp_t * m).sum() / n_keep
+            second = -logp_t.sum() / n_keep
         else:
             pt = logp_t.exp()
-            second = -((1.0 - pt).clamp(min=0.0).pow(self.gamma) * logp_t * m).sum() / n_keep
+            second = -((1.0 - pt).clamp(min=0.0).pow(self.gamma) * logp_t).sum() / n_keep
         onehot = torch.zeros_like(logits).scatter_(1, t0, 1.0) * m
         dice = self.dice(logp.exp() * m, onehot)
         return dice + second
