@@ -234,6 +234,35 @@ def test_thick_gap_of_a_map_lacking_muscles_is_unnamed_muscle():
     assert not (ph_all.stage2 == anatomy.UNNAMED_MUSCLE).any()
 
 
+def test_coarse_map_is_refined_before_tissues_are_drawn():
+    """A 3 mm map (the real calf map's voxel) is upsampled to 1 mm with smooth outlines before fascia,
+    septa and skin are drawn, so they are as thin as on a fine map; each muscle keeps its area and place."""
+    from legcomp.phantom.shapes import MUSCLE0
+    from legcomp.phantom.synth import SourceMap, _refine
+
+    n, sp = 30, 3.0
+    x, y = np.meshgrid((np.arange(n) - n / 2) * sp, (np.arange(n) - n / 2) * sp, indexing="ij")
+    limb = np.hypot(x, y) <= 36
+    sl = np.where(limb, MUSCLE0 + np.where(x < 0, 1, 2), 0).astype(np.uint8)
+    codes = np.repeat(np.concatenate([sl, sl[::-1]], axis=0)[:, :, None], 3, axis=2)
+    aff = np.diag([sp, sp, 10.0, 1.0])
+    aff[:3, 3] = [-50.0, 20.0, 5.0]
+    src = SourceMap(codes=codes, affine=aff, region="calf", name="c", unlabelled=[])
+    fine = _refine(src, 1.0)
+    assert np.allclose(fine.spacing, (1.0, 1.0, 10.0))
+    for c in (MUSCLE0 + 1, MUSCLE0 + 2):  # area (mm2) within 5 %, centroid (mm, world) within 1 mm
+        a, b = codes[..., 0] == c, fine.codes[..., 0] == c
+        assert abs(b.sum() * 1.0 - a.sum() * 9.0) < 0.05 * a.sum() * 9.0
+        ca = aff[:2, :2] @ np.argwhere(a).mean(0) + aff[:2, 3]
+        cb = fine.affine[:2, :2] @ np.argwhere(b).mean(0) + fine.affine[:2, 3]
+        assert np.linalg.norm(ca - cb) < 1.0
+    out, _, out_aff = build_tissues(src, np.random.default_rng(0), adiposity=0.3, resize_mm=0.0, vessels=False)
+    assert np.sqrt((out_aff[:3, :2] ** 2).sum(0)).max() <= 1.0 + 1e-6
+    assert (out % LEG_STRIDE == FASCIA).any() and (out % LEG_STRIDE == SKIN).any()
+    assert _refine(SourceMap(codes=codes, affine=np.diag([1.5, 1.5, 10.0, 1.0]), region="calf", name="c",
+                             unlabelled=[]), 1.0).codes is codes  # a fine map is left as it is
+
+
 def test_genitals_between_the_upper_thighs_are_no_leg(source_files):
     """The organ blob lies between the legs on the proximal slices only, replaces background only, and is
     labelled neither SAT nor muscle nor leg, so stage 1 learns to leave it out."""
