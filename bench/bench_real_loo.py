@@ -15,7 +15,8 @@ label (which the quantification would count as InterMAT).
     python bench/bench_real_loo.py --weights DIR                    # score a weights folder
     python bench/bench_real_loo.py --train --out devwork/loo --minutes 60 --per-map 3
     python bench/bench_real_loo.py ... --docs docs                  # also the overlays for the README
-    python bench/bench_real_loo.py --seen                           # the shipped weights, trained on the case too
+    python bench/bench_real_loo.py                                  # the shipped weights (trained on the case too:
+                                                                    # their provenance says so, and so do the tables)
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ POSTERIOR = ("gastrocnemius_medialis", "gastrocnemius_lateralis", "soleus")
 DEEP = ("flexor_digitorum_longus", "flexor_hallucis_longus", "tibialis_posterior")
 MIDLINE_MM = 15.0
 """Half-width (mm) of the band about the body midline where a thigh holds no muscle (below the hip)."""
+
+
+def trained_on(case: str, region: str, weights=None) -> bool:
+    """Whether the stage-1 or stage-2 network of ``region`` in ``weights`` (default: bundled) was trained
+    on the study ``case``: its provenance's training split (or that of a run it continued) names it."""
+    from legcomp.inference.cascade import cascade_paths
+
+    for path in cascade_paths(region, weights).values():
+        prov = path.with_name(path.name[:-len(path.suffix)] + ".provenance.json")
+        d = json.loads(prov.read_text()) if prov.is_file() else None
+        while isinstance(d, dict):
+            if any(Path(str(t)).name == case for t in (d.get("split") or {}).get("train", [])):
+                return True
+            d = d.get("previous")
+    return False
 
 
 def score_thigh(root: Path, weights, device: str = "cpu") -> dict:
@@ -242,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--docs", default=None, help="write overlay PNGs of the scored weights here")
     ap.add_argument("--json", default=None, help="write the scores as JSON here")
     ap.add_argument("--seen", action="store_true",
-                    help="the weights were trained on huashan_thigh_001 (the shipped ones are): say so in the "
-                         "tables and overlay instead of 'held out'")
+                    help="the weights were trained on huashan_thigh_001: say so in the tables and overlay instead "
+                         "of 'held out' (found from the weights' provenance anyway; this forces it)")
     a = ap.parse_args(argv)
     root = Path(a.realdata)
     if not (root / "huashan_thigh_001").is_dir():
@@ -253,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         weights = train_without("huashan_thigh_001", root, Path(a.out), per_map=a.per_map, max_maps=a.max_maps,
                                 phantoms=a.phantoms, minutes=a.minutes, epochs=a.epochs, iters=a.iters, lr=a.lr,
                                 seed=a.seed, workers=a.workers, patch=tuple(a.patch))
+    a.seen = a.seen or trained_on("huashan_thigh_001", "thigh", weights)
     thigh = score_thigh(root, weights)
     calf = None if a.no_calf else score_calf(root, weights)
     print_tables(thigh, calf, f"weights: {weights or 'bundled'}", seen=a.seen)

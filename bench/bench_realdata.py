@@ -1,9 +1,13 @@
-"""The bundled (phantom-trained) weights on the two real studies in ``../shared/realdata``.
+"""The bundled weights (or ``--weights``) on the two real studies in ``../shared/realdata``.
 
 * huashan_thigh_001 (dystrophic thighs, 24 mm slice spacing): DSC per muscle and leg against the
   authors' reference labels, mapped to legcomp ids with the shipped ``huashan_thigh`` mapping;
   the mean over the mapped muscles of each leg.
 * qmritools_calf (healthy calves): no labels; the overlay is for a person to judge.
+
+Weights whose provenance shows they were trained on huashan_thigh_001 (the shipped ones are) are
+flagged: their DSC there is a training fit, not a result (``bench/bench_real_loo.py`` for held-out
+figures).
 
 Writes overlays to ``docs/realdata_thigh.png`` and ``docs/realdata_calf.png`` (``--docs``).
 
@@ -13,12 +17,21 @@ Writes overlays to ``docs/realdata_thigh.png`` and ``docs/realdata_calf.png`` (`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+
+
+def _trained_on(case: str, region: str, weights) -> bool:
+    """:func:`bench_real_loo.trained_on` (the provenance check), from the script beside this one."""
+    spec = importlib.util.spec_from_file_location("bench_real_loo", Path(__file__).with_name("bench_real_loo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.trained_on(case, region, weights)
 
 
 def main() -> None:
@@ -48,7 +61,9 @@ def main() -> None:
                               mapping, "thigh")
     legs = leg_map(ref > 0, study.affine)
     mapped = sorted({anatomy.label_by_name(n, "thigh").id for n in mapping.values() if n})
-    print(f"huashan_thigh_001: {study.shape} voxels at {tuple(round(s, 2) for s in study.spacing)} mm, "
+    seen = _trained_on("huashan_thigh_001", "thigh", a.weights)
+    status = "IN THESE WEIGHTS' TRAINING DATA: a training fit, not a result" if seen else "held out of training"
+    print(f"huashan_thigh_001 ({status}): {study.shape} voxels at {tuple(round(s, 2) for s in study.spacing)} mm, "
           f"segmentation {t_thigh:.1f} s")
     # the reference labels only some slices (none at the hip): a second table is restricted to them
     ref_z = np.flatnonzero((ref > 0).any(axis=(0, 1)))
@@ -94,11 +109,13 @@ def main() -> None:
         docs.mkdir(parents=True, exist_ok=True)
         levels = [3, 7, 11]
         save_overlay(study.water, study.fat, s1, s2, "thigh", study.spacing, docs / "realdata_thigh.png",
-                     title="huashan_thigh_001 (real, dystrophic): bundled phantom-trained weights", levels=levels)
+                     title="huashan_thigh_001 (real, dystrophic; "
+                           + ("in the training data of these weights)" if seen else "held out of training)"),
+                     levels=levels)
         save_overlay(study.water, study.fat, s1, ref, "thigh", study.spacing, docs / "realdata_thigh_reference.png",
                      title="huashan_thigh_001: stage-1 prediction | authors' reference muscles (mapped)", levels=levels)
         save_overlay(calf.water, calf.fat, c1, c2, "calf", calf.spacing, docs / "realdata_calf.png",
-                     title="qmritools_calf (real, healthy): bundled phantom-trained weights")
+                     title="qmritools_calf (real, healthy; its Dixon images in no training data)")
         print(f"overlays written to {docs}")
 
 

@@ -40,3 +40,23 @@ def test_loo_bench_tiny_budget(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "mean over muscles" in out and "huashan_thigh_001 (held out)" in out
     assert json.loads((tmp_path / "scores.json").read_text())["thigh"]["labelled_slices"] == [0, 13]
+
+
+def test_seen_case_is_found_in_the_provenance(tmp_path):
+    """A network trained on the case (in its own split, or in that of a run it continued) is a training
+    fit: the bench says so without being told. The bundled thigh muscle network was trained on it."""
+    import shutil
+
+    from legcomp.inference.cascade import cascade_paths
+
+    bench = _bench()
+    bundled = cascade_paths("thigh")
+    for s, p in bundled.items():
+        shutil.copy(p, tmp_path / p.name)
+    prov = tmp_path / bundled[2].name.replace(".pt", ".provenance.json")
+    for split, found in [({"train": ["a/synth_1"]}, False), ({"train": ["real/huashan_thigh_001"]}, True)]:
+        prov.write_text(json.dumps({"split": {"train": ["x"]}, "previous": {"split": split}}))
+        assert bench.trained_on("huashan_thigh_001", "thigh", tmp_path) is found
+    prov.write_text(json.dumps({"split": {"train": ["huashan_thigh_001_left"]}}))  # another name
+    assert bench.trained_on("huashan_thigh_001", "thigh", tmp_path) is False
+    assert bench.trained_on("huashan_thigh_001", "thigh") is True  # the shipped weights
