@@ -418,3 +418,27 @@ def test_leg_map_passes_its_split_settings_on(kw):
     legs = leg_map(fg, aff, **kw)
     np.testing.assert_array_equal(legs, split_legs(fg, aff, **kw).legs)
     assert (legs != leg_map(fg, aff)).any()  # a valley this shallow (or smoothed away) does not split the legs
+
+
+def test_muscle_islands_between_the_legs_are_found():
+    """Genitals between the upper thighs (a muscle-looking island at the midline, below the hip) are found;
+    a leg's own muscle, a detached island on a leg's lateral side and the joined hip slices are not."""
+    from legcomp.preprocessing.legs import midline_islands, split_legs
+
+    shape = (100, 40, 12)
+    aff = centred_affine(shape=shape)
+    muscle = disc(25, 20, 14, shape) | disc(75, 20, 14, shape)
+    fat = (disc(25, 20, 18, shape) | disc(75, 20, 18, shape)) & ~muscle
+    organ = disc(50, 14, 5, shape, z=range(6, 9))  # between the thighs on the upper leg slices
+    lateral = disc(3, 20, 2, shape, z=range(0, 9))  # a detached muscle at the left leg's lateral edge
+    joined = np.zeros(shape, bool)
+    joined[8:92, 5:35, 9:] = True  # hip/pelvis: the legs joined on the top slices
+    muscle = (muscle | organ | lateral) & ~fat
+    muscle[..., 9:] = joined[..., 9:]
+    split = split_legs(muscle | fat, aff)
+    assert split.coverage[0] == "apart" and split.coverage[11] == "joined"
+    isl = midline_islands(muscle, split, 1.5, "thigh")
+    assert isl[organ].all() and not isl[~organ].any()
+    # the band decides: the lateral island, about 70 mm from the midline, is found only by a wider one
+    assert not midline_islands(muscle, split, 1.5, "thigh", band_mm=60.0)[lateral].any()
+    assert midline_islands(muscle, split, 1.5, "thigh", band_mm=80.0)[lateral].all()

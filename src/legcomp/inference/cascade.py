@@ -27,7 +27,7 @@ from legcomp.errors import LegcompInputError
 from legcomp.io.study import DixonStudy
 from legcomp.models import bundled_weights_dir, load_weights, weights_file_name
 from legcomp.preprocessing import inputs as prep
-from legcomp.preprocessing.legs import hip_slices, side_from_muscles, split_legs
+from legcomp.preprocessing.legs import hip_slices, midline_islands, side_from_muscles, split_legs
 
 INFERENCE_ROI_MAX = (320, 320, 48)
 """Largest sliding window (voxels x, y, z) at inference; bounds memory whatever the image size."""
@@ -154,7 +154,8 @@ class Cascade:
         return (s1, s2, {1: c1, 2: c2}) if return_confidence else (s1, s2)
 
     def predict_stage1(self, study: DixonStudy, work: DixonStudy | None = None) -> np.ndarray:
-        """Background (0) / SAT (1) / whole muscle (2) on the study's grid.
+        """Background (0) / SAT (1) / whole muscle (2) on the study's grid; muscle islands between the
+        legs below the hip (the genitals, :func:`legcomp.preprocessing.legs.midline_islands`) are background.
 
         ``work``: the study already resampled to this network's working grid (saves redoing it).
         """
@@ -164,7 +165,13 @@ class Cascade:
         """:meth:`predict_stage1` and its confidence map (float32 (x, y, z), the chosen class's probability)."""
         work = work if work is not None else prep.to_working(study, self.stage1.meta)
         prob = self.stage1.probabilities(prep.stage1_input(work, method=prep.normalisation_of(self.stage1.meta)))
-        return prep.labels_and_confidence(prob, work, study)
+        labels, conf = prep.labels_and_confidence(prob, work, study)
+        # muscle-looking islands between the legs below the hip (the genitals) are no leg's muscle
+        muscle = labels == anatomy.WHOLE_MUSCLE.id
+        if muscle.any():
+            islands = midline_islands(muscle, split_legs(labels > 0, study.affine), study.spacing[0], self.region)
+            labels[islands] = 0
+        return labels, conf
 
     def _leg_probabilities(self, crop: np.ndarray, mirror: bool) -> np.ndarray:
         """Stage-2 class probabilities (C, x, y, z) of one leg crop; ``mirror`` flips a left leg to look right."""

@@ -430,3 +430,51 @@ def leg_bounding_boxes(legs: np.ndarray, foreground: np.ndarray, margin_mm: floa
             sl.append(slice(max(0, int(idx[0]) - margin[ax]), min(m.shape[ax], int(idx[-1]) + 1 + margin[ax])))
         out[leg_id] = tuple(sl)  # type: ignore[assignment]
     return out
+
+
+MIDLINE_ISLAND_MM = 20.0
+"""Half-width (mm) of the band about the body midline where a stage-1 muscle island is no leg's muscle."""
+
+
+def midline_islands(muscle: np.ndarray, split: LegSplit, spacing_x: float, region: str | None,
+                    band_mm: float = MIDLINE_ISLAND_MM) -> np.ndarray:
+    """Muscle-labelled islands between the legs: the genitals between the upper thighs, which look like
+    muscle in water and fat. bool (x, y, z), canonical RAS+.
+
+    On each slice with two legs apart or touching, below the hip (:func:`hip_slices`): every in-plane
+    connected component of ``muscle`` that is not the largest of its leg (:attr:`LegSplit.legs` by
+    majority) and whose centroid lies within ``band_mm`` (mm) of the slice's midline. No leg muscle lies
+    there: a leg's muscles sit inside its deep fascia, one region per slice around the bone.
+
+    Args:
+        muscle: bool (x, y, z) stage-1 whole muscle.
+        split: :func:`split_legs` of the stage-1 foreground.
+        spacing_x: voxel size along x (mm).
+        region: ``thigh``/``calf`` (for the hip slices); None: no slice is taken as hip.
+    """
+    m = np.asarray(muscle, bool)
+    out = np.zeros(m.shape, bool)
+    hip = hip_slices(split.coverage, region) if region else np.zeros(m.shape[2], bool)
+    for z in range(m.shape[2]):
+        mid = split.midline_x[z]
+        if hip[z] or split.coverage[z] not in ("apart", "touching") or not np.isfinite(mid) or not m[:, :, z].any():
+            continue
+        lab, n = ndimage.label(m[:, :, z])
+        if n < 2:
+            continue
+        idx = np.arange(1, n + 1)
+        size = ndimage.sum_labels(np.ones(lab.shape), lab, idx)
+        cx = np.array([c[0] for c in ndimage.center_of_mass(np.ones(lab.shape), lab, idx)])
+        legs_z = split.legs[:, :, z]
+        # each component's leg: the majority of its voxels' leg ids
+        votes = np.stack([ndimage.sum_labels(legs_z == leg, lab, idx) for leg in LEGS])
+        leg_of = np.array(list(LEGS))[votes.argmax(0)]
+        keep = np.zeros(n, bool)
+        for leg in LEGS:
+            mine = np.flatnonzero(leg_of == leg)
+            if len(mine):
+                keep[mine[np.argmax(size[mine])]] = True
+        drop = ~keep & (np.abs(cx - mid) * float(spacing_x) < band_mm)
+        if drop.any():
+            out[:, :, z] = np.isin(lab, idx[drop])
+    return out
