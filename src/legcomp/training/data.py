@@ -4,7 +4,8 @@ A *case* is a dict ``{"image": float32 (C, x, y, z), "label": uint8 (1, x, y, z)
 (n_classes,), "name": str}`` on the working grid (:mod:`legcomp.preprocessing.inputs`). Stage 1 gives one case per study
 (the whole field of view); stage 2 gives one case per leg (a crop around that leg's stage-1
 whole muscle, left legs mirrored along x to look like right legs), as at inference.
-Label voxels :data:`legcomp.anatomy.IGNORE` (255) carry no label and stay 255; ``classes`` is 1 for the
+Label voxels :data:`legcomp.anatomy.IGNORE` (255) carry no label and stay 255, and stage-2 voxels
+:data:`legcomp.anatomy.UNNAMED_MUSCLE` (254, one of the unlabelled muscles) stay 254; ``classes`` is 1 for the
 classes the study labels and 0 for those its label record (:data:`legcomp.anatomy.LABEL_RECORD`) lists
 as unlabelled (background always 1), for :class:`legcomp.training.losses.PartialLabelLoss`.
 
