@@ -365,3 +365,23 @@ def test_output_folder_names_are_sanitised(tmp_path, tiny_cohort, stub_cascade):
     for p in out.rglob("*"):
         assert p.resolve().is_relative_to(out.resolve()) and not any(ord(c) < 32 for c in p.name), p
     assert set(pd.read_csv(out / "cohort_volumes.csv")["subject"]) == set(names)
+
+
+def test_cascade_sets_muscle_islands_between_the_legs_to_background(thigh_case, tiny_weights, monkeypatch):
+    """Stage 1 as the cascade returns it: a muscle island between the legs (genitals) is background,
+    every other voxel keeps the network's label (here a stand-in: the phantom's own stage-1 map)."""
+    import legcomp.inference.cascade as cascade_mod
+
+    study = read_study(thigh_case)
+    truth = study.labels["stage1"].copy()
+    mid = truth.shape[0] // 2
+    assert not truth[mid - 2:mid + 3, :, :4].any()  # the legs are apart on the lowest slices
+    ys = np.flatnonzero(truth[:, :, 1].any(axis=0))
+    blob = np.zeros(truth.shape, bool)
+    blob[mid - 1:mid + 2, (ys.min() + ys.max()) // 2 - 1:(ys.min() + ys.max()) // 2 + 2, 1:3] = True
+    fake = np.where(blob, anatomy.WHOLE_MUSCLE.id, truth).astype(np.uint8)
+    monkeypatch.setattr(cascade_mod.prep, "labels_and_confidence",
+                        lambda prob, work, st: (fake.copy(), np.ones(fake.shape, np.float32)))
+    s1, _ = Cascade.load("thigh", tiny_weights, "cpu").stage1_with_confidence(study)
+    assert (s1[blob] == 0).all()
+    assert np.array_equal(s1[~blob], fake[~blob])
