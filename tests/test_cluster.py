@@ -214,7 +214,9 @@ def test_a_dying_worker_costs_only_its_study(tmp_path, cohort, serial, preload, 
     assert "2 tries" in fails.loc[0, "error"] and "KilledWorker" in err
     assert len((root / "hog" / "attempts.txt").read_text().split()) == 2  # retried once, then listed
     tries = (root / "crash_once" / "attempts.txt").read_text().split()
-    assert len(tries) == 2 and tries[0] != tries[1]  # died, then done by another worker process
+    # died, then done by another worker process; a retry that shared a worker with the hog when that worker
+    # was killed is tried once more (seen once in a fresh clone: 3 tries), each try in its own process
+    assert 2 <= len(tries) <= 3 and len(set(tries)) == len(tries)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["crash_once", "normal"]
     assert set(pd.read_csv(out / "cohort_volumes.csv")["subject"]) == {"crash_once", "normal"}
     for name, ref in (("normal", "thigh_00001"), ("crash_once", "thigh_00002")):
