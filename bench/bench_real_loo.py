@@ -46,10 +46,10 @@ def trained_on(case: str, region: str, weights=None) -> bool:
     """Whether the stage-1 or stage-2 network of ``region`` in ``weights`` (default: bundled) was trained
     on the study ``case``: its provenance's training split (or that of a run it continued) names it."""
     from legcomp.inference.cascade import cascade_paths
+    from legcomp.training.provenance import read_provenance
 
     for path in cascade_paths(region, weights).values():
-        prov = path.with_name(path.name[:-len(path.suffix)] + ".provenance.json")
-        d = json.loads(prov.read_text()) if prov.is_file() else None
+        d = read_provenance(path)
         while isinstance(d, dict):
             if any(Path(str(t)).name == case for t in (d.get("split") or {}).get("train", [])):
                 return True

@@ -669,9 +669,8 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
         mfat.frac[c] = float(np.clip(rng_fat.uniform(0, 1) * infiltration, 0, 1))
         mfat.alpha[c] = rng_fat.uniform(0, 2 * np.pi)
         mfat.target[c] = mfat.base[c] + mfat.diffuse[c]
-        u = LEG_STRIDE * leg + UNNAMED  # the same fat as the other muscle (drawn before UNNAMED existed)
-        mfat.base[u], mfat.diffuse[u], mfat.frac[u] = mfat.base[c], mfat.diffuse[c], mfat.frac[c]
-        mfat.alpha[u], mfat.target[u] = mfat.alpha[c], mfat.target[c]
+        for table in (mfat.base, mfat.diffuse, mfat.frac, mfat.alpha, mfat.target):
+            table[LEG_STRIDE * leg + UNNAMED] = table[c]  # the other muscle's fat (drawn before UNNAMED existed)
     tp = sig.random_tissue_params(rng_tis)
     tp.pd[ORGAN], tp.ff[ORGAN] = float(rng_org.uniform(0.4, 1.8)), float(rng_org.uniform(0.0, 0.08))
     muscle_codes = np.r_[MUSCLE0 + np.arange(1, len(anatomy.MUSCLES[region]) + 1), other]
