@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True, help="output folder")
         sp.add_argument("--region", choices=["thigh", "calf"],
                         help="thigh or calf (default: from folder names, else detected)")
-        sp.add_argument("--weights", help="folder of weights (default: the bundled phantom-trained weights)")
+        sp.add_argument("--weights", help="folder of weights (default: the bundled weights, see their provenance JSONs)")
         sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
         sp.add_argument("--overwrite", action="store_true",

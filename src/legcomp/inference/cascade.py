@@ -37,7 +37,7 @@ LEG_MARGIN_MM = prep.LEG_MARGIN_MM
 
 
 def default_weights_dir() -> Path:
-    """Folder of the bundled phantom-trained weights (``<region>_stage<k>.pt``)."""
+    """Folder of the bundled weights (``<region>_stage<k>.pt``)."""
     return bundled_weights_dir()
 
 

@@ -32,7 +32,7 @@ DEFAULT_CHANNELS = {1: ["water", "fat"], 2: ["opposed_phase", "water"]}
 
 
 def bundled_weights_dir() -> Path:
-    """Folder of the bundled phantom-trained weights (``<region>_stage<k>.pt`` and provenance JSONs)."""
+    """Folder of the bundled weights (``<region>_stage<k>.pt`` and provenance JSONs)."""
     return Path(str(resources.files("legcomp") / "data" / "weights"))
 
 
