@@ -290,30 +290,3 @@ def test_slice_gaps_keep_truth_consistent():
         assert abs(v - lv) < 0.1 * v
     with pytest.raises(LegcompInputError):
         generate("calf", 12, matrix=(8, 8, 2), slice_thickness=-1.0)
-
-
-def test_fat_leak_puts_part_of_the_fat_signal_in_the_water_image():
-    """A single-peak fat model separates part of the fat spectrum as water: adipose tissue's apparent
-    fat fraction falls from its true 0.9 towards what real scans show (0.7-0.8); W + F is unchanged."""
-    from types import SimpleNamespace
-
-    from legcomp.phantom import signal as sig
-
-    app = SimpleNamespace(tp=sig.TissueParams(), mfat=SimpleNamespace(base=np.full(4, 0.05)),
-                          is_muscle=np.ones(4, bool))
-    water = np.full((8, 8, 2), 0.1 * 1.45, np.float32)  # adipose tissue: PD 1.45, FF 0.9
-    fat = np.full((8, 8, 2), 0.9 * 1.45, np.float32)
-    out = {}
-    for leak in (0.0, 0.2):
-        w, f = sig.acquire(water.copy(), fat.copy(), np.ones(water.shape, np.uint8), (1.0, 1.0, 5.0),
-                           {"bias": 0.0, "snr": 1e6, "fat_leak": leak}, app, np.random.default_rng(0))
-        out[leak] = (w, f)
-    ff0 = out[0.0][1] / (out[0.0][0] + out[0.0][1])
-    ff2 = out[0.2][1] / (out[0.2][0] + out[0.2][1])
-    np.testing.assert_allclose(ff0, 0.9, atol=1e-3)
-    np.testing.assert_allclose(ff2, 0.72, atol=1e-3)  # 0.9 x (1 - 0.2)
-    np.testing.assert_allclose(out[0.2][0] + out[0.2][1], out[0.0][0] + out[0.0][1], rtol=1e-4)  # in-phase kept
-    # without the option (the template phantom's default) nothing leaks
-    w, f = sig.acquire(water.copy(), fat.copy(), np.ones(water.shape, np.uint8), (1.0, 1.0, 5.0),
-                       {"bias": 0.0, "snr": 1e6}, app, np.random.default_rng(0))
-    np.testing.assert_allclose(f, out[0.0][1])

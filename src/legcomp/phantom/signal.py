@@ -326,20 +326,11 @@ def make_appearance(tp: TissueParams, mfat: MuscleFat, muscle_codes: np.ndarray,
 
 def acquire(water: np.ndarray, fat: np.ndarray, legmap: np.ndarray, spacing: tuple, opts: dict,
             app: Appearance, rng_noise: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The scanner's part, on voxel water and fat (PD units, (x, y, z)): fat signal separated as
-    water, optional fat-water swap, Gibbs ringing, ghost, blur, coil bias, signal scale, Rician noise,
-    background masking.
+    """The scanner's part, on voxel water and fat (PD units, (x, y, z)): optional fat-water swap,
+    Gibbs ringing, ghost, blur, coil bias, signal scale, Rician noise, background masking.
 
-    ``opts`` keys: fat_leak, swap, ringing, ghost, blur, bias, snr, mask_background. ``fat_leak``
-    (fraction 0-1, default 0): share of the fat signal that the separation puts in the water image, as a
-    single-peak fat model does with the fat spectrum's peaks near water; it lowers the apparent fat
-    fraction of adipose tissue (real two-point Dixon and IDEAL subcutaneous fat reads 0.7-0.8, not 0.9).
-    In- and opposed-phase images made from the result stay consistent with it. Returns (water, fat) float32.
+    ``opts`` keys: swap, ringing, ghost, blur, bias, snr, mask_background. Returns (water, fat) float32.
     """
-    leak = float(opts.get("fat_leak", 0.0))
-    if leak > 0:
-        water = water + np.float32(leak) * fat
-        fat = fat * np.float32(1.0 - leak)
     if opts.get("swap"):
         m = swap_mask(legmap, spacing, rng_noise)
         water[m], fat[m] = fat[m].copy(), water[m].copy()

@@ -579,8 +579,7 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
     """
     region = source.region
     ss = np.random.SeedSequence([int(seed), 7, sum(map(ord, source.name))])
-    rngs = [np.random.default_rng(s) for s in ss.spawn(8)]  # the 8th came later: the first 7 draw as before
-    rng_opt, rng_geo, rng_fat, rng_tis, rng_noise, rng_field, rng_org, rng_leak = rngs
+    rng_opt, rng_geo, rng_fat, rng_tis, rng_noise, rng_field, rng_org = [np.random.default_rng(s) for s in ss.spawn(7)]
     src_sp = source.spacing
     opts: dict = {"source": source.name, "seed": int(seed)}
     infiltration = float(rng_opt.choice([0.0, rng_opt.uniform(0, 0.3), rng_opt.uniform(0.2, 0.7),
@@ -593,7 +592,6 @@ def synthesize(source: SourceMap, seed: int, *, spacing: tuple | None = None, sl
                 mask_background=bool(rng_opt.random() < 0.3),
                 ghost=float(rng_opt.uniform(0.01, 0.05)) if rng_opt.random() < 0.2 else 0.0,
                 ringing=float(rng_opt.uniform(0.55, 0.9)) if rng_opt.random() < 0.25 else 0.0)
-    opts["fat_leak"] = float(rng_leak.uniform(0.0, 0.3)) if rng_leak.random() < 0.8 else 0.0
     if spacing is None:
         inplane = float(rng_opt.uniform(0.7, 2.0))
         lo = max(3.0, 0.8 * float(src_sp[2]))
