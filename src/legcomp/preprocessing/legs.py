@@ -463,8 +463,8 @@ def midline_islands(muscle: np.ndarray, split: LegSplit, spacing_x: float, regio
         if n < 2:
             continue
         idx = np.arange(1, n + 1)
-        size = ndimage.sum_labels(np.ones(lab.shape), lab, idx)
-        cx = np.array([c[0] for c in ndimage.center_of_mass(np.ones(lab.shape), lab, idx)])
+        size = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        cx = ndimage.sum_labels(np.arange(lab.shape[0])[:, None], lab, idx) / size
         legs_z = split.legs[:, :, z]
         # each component's leg: the majority of its voxels' leg ids
         votes = np.stack([ndimage.sum_labels(legs_z == leg, lab, idx) for leg in LEGS])
